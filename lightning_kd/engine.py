@@ -1,0 +1,333 @@
+"""Distillation engine
+^^^^^^^^^^^^^^^^^^^^
+
+The one mechanism behind both faces of the package (:class:`~lightning_kd.module.DistillationModule` and
+:class:`~lightning_kd.callback.DistillCallback`): it owns the loss terms (an ``nn.ModuleDict``, so their trainable
+parts follow the student into the optimizer, onto the device and into checkpoints), installs the layer taps the terms
+ask for, runs the frozen teacher, and turns one step into ``Σ weight_i · term_i`` plus a log entry per term.
+
+The teacher is deliberately *not* a registered submodule: it is never trained, never in an optimizer, never wrapped
+by DDP and never saved with the student. It is put in eval mode before every forward (Lightning flips modes after the
+sanity check) and moved to the input's device lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from lightning_kd.losses.base import (
+    STUDENT,
+    TEACHER,
+    DistillBatch,
+    LossTerm,
+    ModelOutputs,
+    SetupContext,
+    TeacherPass,
+    create_loss,
+)
+from lightning_kd.taps import LOGITS, LayerTaps, TapSpec
+
+LossSpec = str | LossTerm | Mapping[str, Any] | Sequence[Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term produced NaN or Inf."""
+
+
+class ClassCountMismatchError(ValueError):
+    """Teacher and student predict different numbers of classes."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building terms from names, dicts (Hydra configs) or objects
+# --------------------------------------------------------------------------------------------------------------------
+def build_terms(spec: LossSpec | None) -> dict[str, LossTerm]:
+    """Build named loss terms from any of the accepted forms.
+
+    - ``"kd"``: a registered name with its defaults;
+    - a :class:`LossTerm`: used as is (named by its registry name or class);
+    - a mapping ``{name: kwargs}``: ``name`` is the log name; ``kwargs`` may carry ``name`` (the registry name, when
+      the log name differs, e.g. two ``fitnet`` terms) or a Hydra ``_target_``;
+    - a sequence of the above (names may be given as ``{"kd": {"weight": 0.5}}`` entries).
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, (DictConfig, ListConfig)):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    terms: dict[str, LossTerm] = {}
+
+    def add(name: str, term: LossTerm) -> None:
+        if name in terms:
+            raise ValueError(f"two loss terms are named {name!r}; give them distinct names")
+        terms[name] = term
+
+    if isinstance(spec, str):
+        add(spec, create_loss(spec))
+    elif isinstance(spec, LossTerm):
+        add(getattr(spec, "registry_name", type(spec).__name__.lower()), spec)
+    elif isinstance(spec, Mapping):
+        for name, kwargs in spec.items():
+            add(str(name), _term_from_config(str(name), kwargs))
+    elif isinstance(spec, Sequence):
+        for item in spec:
+            for name, term in build_terms(item).items():
+                add(name, term)
+    else:
+        raise TypeError(f"cannot build loss terms from {type(spec).__name__}: {spec!r}")
+    return terms
+
+
+def _term_from_config(name: str, kwargs: Any) -> LossTerm:
+    if isinstance(kwargs, LossTerm):
+        return kwargs
+    kwargs = dict(kwargs or {})
+    if "_target_" in kwargs:
+        from hydra.utils import instantiate
+
+        term = instantiate(kwargs)
+        if not isinstance(term, LossTerm):
+            raise TypeError(f"loss term {name!r}: {kwargs['_target_']} is not a LossTerm subclass")
+        return term
+    return create_loss(kwargs.pop("name", name), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches and model outputs
+# --------------------------------------------------------------------------------------------------------------------
+_INPUT_KEYS = ("input", "inputs", "image", "images", "x", "pixel_values")
+_TARGET_KEYS = ("target", "targets", "label", "labels", "y")
+_INDEX_KEYS = ("index", "indices", "idx")
+
+
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Split a batch into ``(inputs, targets, indices)``.
+
+    Accepts a tensor, a ``(input, target[, index])`` tuple/list (this package's datamodules yield
+    ``(input, target, index)``) or a dict with keys such as ``input``/``image``, ``target``/``label``, ``index``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping):
+
+        def first(keys: tuple[str, ...]) -> Any:
+            return next((batch[k] for k in keys if k in batch), None)
+
+        inputs = first(_INPUT_KEYS)
+        if inputs is None:
+            raise KeyError(f"cannot find the inputs in a batch with keys {list(batch)}; expected one of {_INPUT_KEYS}")
+        return inputs, first(_TARGET_KEYS), first(_INDEX_KEYS)
+    if isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
+        targets = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        indices = batch[2] if len(batch) > 2 and isinstance(batch[2], torch.Tensor) else None
+        if indices is not None and (indices.dtype.is_floating_point or indices.dim() != 1):
+            indices = None
+        return batch[0], targets, indices
+    raise TypeError(
+        f"cannot find the inputs in a batch of type {type(batch).__name__}; use a tensor, an (input, target, ...) "
+        "tuple or a dict with an 'input' key"
+    )
+
+
+def as_logits(output: Any) -> torch.Tensor:
+    """The logits tensor in a model output (a tensor, a ``.logits`` attribute, a ``'logits'`` key, or the first item)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode and restore each submodule's own mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a teacher: no gradients, eval mode."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------------
+class DistillEngine(nn.Module):
+    """Loss terms + layer taps + a frozen teacher.
+
+    Args:
+        loss: the loss terms (see :func:`build_terms`).
+        teacher: the frozen teacher. Held outside the module tree.
+        student_logits: where the student's logits come from: ``None`` when the caller passes them (the module
+            wrapper gets them from ``student(x)``), or a tap (``"logits"`` = the classifier's output, the callback's
+            default, or any module path).
+        check_finite: raise :class:`NonFiniteLossError` naming the term and the step when a term is NaN/Inf.
+        log_prefix: prefix of the log names (``train/`` gives ``train/kd``).
+    """
+
+    def __init__(
+        self,
+        loss: LossSpec | None,
+        teacher: nn.Module,
+        *,
+        student_logits: str | None = None,
+        check_finite: bool = True,
+        log_prefix: str = "train/",
+    ) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(build_terms(loss))
+        self.__dict__["teacher"] = freeze(teacher)
+        self.student_logits = TapSpec.parse(student_logits) if student_logits else None
+        self.check_finite = check_finite
+        self.log_prefix = log_prefix
+        self.student_taps: LayerTaps | None = None
+        self.teacher_taps: LayerTaps | None = None
+        self.is_setup = False
+
+    # -- taps --------------------------------------------------------------------------------------------------------
+    def _requested(self, side: str) -> list[TapSpec]:
+        specs = [spec for term in self.terms.values() for spec in term.taps()[side]]
+        if side == STUDENT and self.student_logits is not None:
+            specs.append(self.student_logits)
+        return list(dict.fromkeys(specs))
+
+    def attach(self, student: nn.Module) -> None:
+        """Resolve and install the taps on ``student`` and the teacher (raises on a bad layer path)."""
+        if self.student_taps is None or self.student_taps.model is not student:
+            self.detach()
+            self.student_taps = LayerTaps(student, self._requested(STUDENT))
+            self.teacher_taps = LayerTaps(self.teacher, self._requested(TEACHER), detach=True)
+        else:
+            self.student_taps.attach()
+            self.teacher_taps.attach()  # type: ignore[union-attr]
+
+    def detach(self) -> None:
+        """Remove every hook and drop captured tensors."""
+        for taps in (self.student_taps, self.teacher_taps):
+            if taps is not None:
+                taps.remove()
+
+    @contextmanager
+    def student_capture(self) -> Iterator[None]:
+        """Capture the student's taps during the ``with`` block."""
+        if self.student_taps is None:
+            raise RuntimeError("DistillEngine.attach(student) must run before capturing")
+        with self.student_taps.capture():
+            yield
+
+    def student_outputs(self, logits: torch.Tensor | None = None) -> ModelOutputs:
+        """This step's student outputs (pops the taps). ``logits`` is required unless ``student_logits`` is a tap."""
+        assert self.student_taps is not None
+        features = self.student_taps.pop()
+        if logits is None:
+            if self.student_logits is None:
+                raise ValueError("student logits were not given and no student_logits tap is configured")
+            logits = features[self.student_logits]
+        return ModelOutputs(as_logits(logits), features)
+
+    # -- teacher -----------------------------------------------------------------------------------------------------
+    def run_teacher(self, inputs: torch.Tensor, *, with_features: bool = True) -> ModelOutputs:
+        """Teacher forward in eval mode without gradients, on the inputs' device; with its taps unless
+        ``with_features`` is false (evaluation) or the taps are removed."""
+        teacher = self.teacher
+        teacher.eval()
+        param = next(teacher.parameters(), None)
+        if param is not None and param.device != inputs.device:
+            teacher.to(inputs.device)
+        taps = self.teacher_taps if with_features and self.teacher_taps is not None else None
+        if taps is None or not taps.attached:
+            with torch.no_grad():
+                return ModelOutputs(as_logits(teacher(inputs)).detach())
+        with torch.no_grad(), taps.capture():
+            logits = as_logits(teacher(inputs))
+        return ModelOutputs(logits.detach(), taps.pop())
+
+    # -- before fitting ----------------------------------------------------------------------------------------------
+    def setup(self, student: nn.Module, inputs: torch.Tensor, run_student: Callable[[torch.Tensor], Any]) -> None:
+        """Probe both models on ``inputs`` (eval mode, no grad), check the class counts and let every term build its
+        trainable parts. Must run before the optimizer is created."""
+        self.attach(student)
+        with eval_mode(student), torch.no_grad(), self.student_capture():
+            out = run_student(inputs)
+        s_out = self.student_outputs(None if self.student_logits is not None else as_logits(out))
+        t_out = self.run_teacher(inputs)
+        n_s, n_t = s_out.logits.shape[-1], t_out.logits.shape[-1]
+        if n_s != n_t:
+            raise ClassCountMismatchError(
+                f"the student predicts {n_s} classes and the teacher {n_t}; create both with the same num_classes "
+                "(e.g. timm.create_model(name, num_classes=N)) or load a teacher trained on the same data"
+            )
+        ctx = SetupContext(s_out, t_out, student, self.teacher, int(n_s))
+        for term in self.terms.values():
+            term.setup(ctx)
+        self.is_setup = True
+
+    def prepare(self, batches: Iterable[Any], device: torch.device | str) -> None:
+        """Give each term that asks for it one pass of the teacher over ``batches`` (the training data)."""
+        for term in self.terms.values():
+            if term.needs_prepare:
+                term.prepare(self._teacher_passes(batches, torch.device(device)))
+
+    def _teacher_passes(self, batches: Iterable[Any], device: torch.device) -> Iterator[TeacherPass]:
+        for batch in batches:
+            inputs, targets, indices = unpack_batch(batch)
+            to = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
+            yield TeacherPass(self.run_teacher(to(inputs)), to(targets), to(indices))
+
+    # -- one step ----------------------------------------------------------------------------------------------------
+    def forward(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the terms and a dict of unweighted values to log (``train/kd``, ``train/rkd/angle``...)."""
+        total = batch.student.logits.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for name, term in self.terms.items():
+            value = term(batch)
+            if isinstance(value, Mapping):
+                for part, v in value.items():
+                    logs[f"{self.log_prefix}{name}/{part}"] = v.detach()
+                value = sum(value.values(), total.new_zeros(()))
+            if self.check_finite and not bool(torch.isfinite(value).all()):
+                raise NonFiniteLossError(
+                    f"loss term {name!r} is {value.item()} at step {batch.step} (epoch {batch.epoch}). Check the "
+                    "inputs and the teacher's outputs for NaN, lower the learning rate, or use a larger temperature"
+                )
+            logs[f"{self.log_prefix}{name}"] = value.detach()
+            total = total + term.weight * value.float()
+        return total, logs
+
+
+def check_finite_task_loss(value: torch.Tensor, name: str, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` when the task loss is NaN/Inf."""
+    if not math.isfinite(float(value.detach())):
+        raise NonFiniteLossError(
+            f"the task loss {name!r} is {float(value)} at step {step}; check the inputs, labels and learning rate"
+        )
+
+
+__all__ = [
+    "LOGITS",
+    "ClassCountMismatchError",
+    "DistillEngine",
+    "NonFiniteLossError",
+    "as_logits",
+    "build_terms",
+    "eval_mode",
+    "freeze",
+    "unpack_batch",
+]

@@ -1,0 +1,183 @@
+"""Loss-term protocol
+^^^^^^^^^^^^^^^^^^^
+
+Every distillation method is a :class:`LossTerm`: an ``nn.Module`` that says which layers it needs (:meth:`taps`),
+builds its trainable parts once it has seen the shapes (:meth:`setup`), may run a pass over the training data before
+fitting (:meth:`prepare`), and turns one step's :class:`DistillBatch` into a scalar (or a dict of named scalars) in
+:meth:`forward`. Its parameters (connectors, embeddings) and buffers (memory banks, running statistics) are ordinary
+module state: optimised with the student and saved in checkpoints by both faces of the engine.
+
+Adding a method is one module in :mod:`lightning_kd.losses` that subclasses :class:`LossTerm` and is decorated with
+:func:`register_loss`, one ``conf/loss/NAME.yaml`` and one test file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_kd.taps import TapSpec
+
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+@dataclass
+class ModelOutputs:
+    """What one model produced in this step: its logits and the tensors of the taps the terms asked for."""
+
+    logits: torch.Tensor
+    features: dict[TapSpec, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, spec: str | TapSpec) -> torch.Tensor:
+        key = TapSpec.parse(spec)
+        try:
+            return self.features[key]
+        except KeyError:
+            raise KeyError(
+                f"tap {key} was not captured; a term must list it in taps() (captured: "
+                f"{', '.join(map(str, self.features)) or 'none'})"
+            ) from None
+
+
+@dataclass
+class DistillBatch:
+    """One training step as a loss term sees it.
+
+    Attributes:
+        student: the student's logits and tapped features (with gradients).
+        teacher: the teacher's logits and tapped features (no gradients).
+        targets: class labels, or ``None`` when the batch has none.
+        indices: each sample's dataset index (for memory banks and output caches), or ``None``.
+        step: the trainer's global step (drives schedules).
+        epoch: the current epoch.
+        max_steps: the total number of optimisation steps, when known (``-1`` otherwise).
+    """
+
+    student: ModelOutputs
+    teacher: ModelOutputs
+    targets: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    step: int = 0
+    epoch: int = 0
+    max_steps: int = -1
+
+
+@dataclass
+class SetupContext:
+    """What a term may look at once, before fitting, to build its trainable parts.
+
+    Attributes:
+        student: outputs of the student on a probe batch (shapes of every tap the terms asked for).
+        teacher: outputs of the teacher on the same batch.
+        student_model: the student (read-only use).
+        teacher_model: the teacher (read-only use: e.g. copy its classifier weights into a buffer; never store the
+            module itself on the term, or it would be trained and checkpointed).
+        num_classes: the number of classes (logit width).
+    """
+
+    student: ModelOutputs
+    teacher: ModelOutputs
+    student_model: nn.Module
+    teacher_model: nn.Module
+    num_classes: int
+
+
+@dataclass
+class TeacherPass:
+    """The teacher's outputs on one batch of the training set, for :meth:`LossTerm.prepare`."""
+
+    teacher: ModelOutputs
+    targets: torch.Tensor | None
+    indices: torch.Tensor | None
+
+
+class LossTerm(nn.Module):
+    """Base class of every distillation loss term.
+
+    Args:
+        weight: the term's weight in the total loss ``task_weight · task + Σ weight_i · term_i``.
+
+    Subclasses set :attr:`student_taps` / :attr:`teacher_taps` (or override :meth:`taps`) and implement
+    :meth:`forward`. Logits are always available as ``batch.student.logits`` / ``batch.teacher.logits``.
+    """
+
+    #: set ``True`` to receive :meth:`prepare` with a pass of the teacher over the training data before fitting.
+    needs_prepare: ClassVar[bool] = False
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.student_taps: list[TapSpec] = []
+        self.teacher_taps: list[TapSpec] = []
+
+    def taps(self) -> dict[str, list[TapSpec]]:
+        """The layers this term reads, per side."""
+        return {STUDENT: list(self.student_taps), TEACHER: list(self.teacher_taps)}
+
+    def setup(self, ctx: SetupContext) -> None:  # noqa: B027 - optional hook
+        """Build trainable parts from the probe shapes. Called once, before the optimizer exists."""
+
+    def prepare(self, passes: Iterable[TeacherPass]) -> None:  # noqa: B027 - optional hook
+        """Consume one pass of the teacher over the training data (only if :attr:`needs_prepare`)."""
+
+    def forward(self, batch: DistillBatch) -> torch.Tensor | Mapping[str, torch.Tensor]:
+        """Return the unweighted loss: a scalar, or a dict of named scalars that are summed."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[LossTerm]] = {}
+
+
+def register_loss(name: str) -> Any:
+    """Class decorator: register a :class:`LossTerm` under ``name`` (the ``loss=NAME`` of the command line)."""
+
+    def decorator(cls: type[LossTerm]) -> type[LossTerm]:
+        if not (isinstance(cls, type) and issubclass(cls, LossTerm)):
+            raise TypeError(f"@register_loss({name!r}) must decorate a LossTerm subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"loss {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        cls.registry_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+def registered_losses() -> list[str]:
+    """Names of every registered loss term."""
+    from lightning_kd import losses  # noqa: F401 - importing the package registers every module in it
+
+    return sorted(_REGISTRY)
+
+
+def get_loss_class(name: str) -> type[LossTerm]:
+    """The class registered as ``name``; an unknown name raises with the valid names."""
+    names = registered_losses()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown loss {name!r}; registered losses: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def create_loss(name: str, **kwargs: Any) -> LossTerm:
+    """Instantiate the registered term ``name``; unknown keyword arguments raise with the accepted ones."""
+    cls = get_loss_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params or k == "self"]
+    if unknown and not accepts_any:
+        valid = [k for k in params if k != "self"]
+        raise TypeError(f"loss {name!r} got unknown argument(s) {unknown}; it accepts: {', '.join(valid)}")
+    return cls(**kwargs)
+

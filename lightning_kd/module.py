@@ -1,0 +1,179 @@
+"""Module wrapper
+^^^^^^^^^^^^^^
+
+:class:`ClassifierModule` trains one classifier with cross-entropy (a teacher, or the no-distillation baseline);
+:class:`DistillationModule` is the same module with a frozen teacher and loss terms added through
+:class:`~lightning_kd.engine.DistillEngine` — the engine that :class:`~lightning_kd.callback.DistillCallback` uses too.
+
+Checkpoints hold the student (``model.*``) and the terms' trainable parts (``engine.terms.*``), never the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kd.engine import DistillEngine, LossSpec, check_finite_task_loss, unpack_batch
+from lightning_kd.losses.base import DistillBatch
+from lightning_kd.trainer_utils import max_steps_of, probe_inputs, train_dataloader_of
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class ClassifierModule(L.LightningModule):
+    """Supervised training of a classifier; logs ``train/ce``, ``val/acc``, ``test/acc``.
+
+    Args:
+        model: the network (any ``nn.Module`` returning logits).
+        optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``); default SGD(0.05, momentum 0.9,
+            weight decay 5e-4).
+        scheduler: ``"cosine"`` (per step, over the whole fit) or ``None``.
+        label_smoothing: for the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: str | None = "cosine",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        if scheduler not in (None, "cosine"):
+            raise ValueError(f"scheduler must be 'cosine' or null, got {scheduler!r}")
+        self.scheduler = scheduler
+        self.label_smoothing = label_smoothing
+        self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "loss"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on labels (computed in float32)."""
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets, _ = unpack_batch(batch)
+        ce = self.task_loss(self(inputs), targets)
+        check_finite_task_loss(ce, "ce", self.global_step)
+        self.log("train/ce", ce, prog_bar=True)
+        self.log("train/loss", ce)
+        return ce
+
+    def _evaluate(self, batch: Any, stage: str) -> torch.Tensor:
+        inputs, targets, _ = unpack_batch(batch)
+        logits = self(inputs)
+        self.log(f"{stage}/loss", self.task_loss(logits, targets), sync_dist=True)
+        self.log(f"{stage}/acc", (logits.argmax(-1) == targets).float().mean(), prog_bar=True, sync_dist=True)
+        return logits
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler is None:
+            return optimizer
+        total = max(1, max_steps_of(self.trainer))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DistillationModule(ClassifierModule):
+    """Distil a frozen ``teacher`` into ``student``.
+
+    ``loss = task_weight · CE(student, y) + Σ weight_i · term_i``; each term is logged as ``train/<name>``.
+
+    Args:
+        student: the network to train.
+        teacher: the frozen teacher (kept out of the module tree, optimizer, DDP and checkpoints).
+        loss: loss terms — a registered name (``"kd"``), a list, ``{name: kwargs}`` or :class:`LossTerm` objects.
+        task_weight: weight of the cross-entropy on labels.
+        optimizer, scheduler, label_smoothing: as in :class:`ClassifierModule`.
+
+    Example::
+
+        >>> import timm
+        >>> module = DistillationModule(timm.create_model("resnet18", num_classes=10),
+        ...                             timm.create_model("resnet34", num_classes=10), loss="kd", task_weight=0.1)
+        >>> list(module.engine.terms)
+        ['kd']
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss: LossSpec = "kd",
+        task_weight: float = 1.0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: str | None = "cosine",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(student, optimizer, scheduler, label_smoothing)
+        self.engine = DistillEngine(loss, teacher)
+        self.task_weight = float(task_weight)
+        self._max_steps = -1
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a submodule)."""
+        return self.engine.teacher
+
+    def setup(self, stage: str) -> None:
+        """Install the taps and build the terms' trainable parts before ``configure_optimizers`` and DDP."""
+        if stage == "fit" and not self.engine.is_setup:
+            self.engine.setup(self.model, probe_inputs(self.trainer, self), self.model)
+        elif stage == "fit":
+            self.engine.attach(self.model)
+
+    def on_fit_start(self) -> None:
+        if any(term.needs_prepare for term in self.engine.terms.values()):
+            self.engine.prepare(train_dataloader_of(self.trainer), self.device)
+
+    def on_train_start(self) -> None:
+        self._max_steps = max_steps_of(self.trainer)
+
+    def on_train_end(self) -> None:
+        """Taps are removed when training ends."""
+        self.engine.detach()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets, indices = unpack_batch(batch)
+        teacher = self.engine.run_teacher(inputs)
+        with self.engine.student_capture():
+            logits = self(inputs)
+        student = self.engine.student_outputs(logits)
+        ce = self.task_loss(logits, targets)
+        step = DistillBatch(
+            student, teacher, targets, indices, self.global_step, self.current_epoch, self._max_steps
+        )
+        distill, logs = self.engine(step)
+        check_finite_task_loss(ce, "ce", self.global_step)
+        loss = self.task_weight * ce + distill
+        self.log("train/ce", ce, prog_bar=True)
+        self.log_dict(logs)
+        self.log("train/loss", loss)
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Test accuracy and teacher–student top-1 agreement (``test/agreement``)."""
+        inputs = unpack_batch(batch)[0]
+        logits = self._evaluate(batch, "test")
+        teacher = self.engine.run_teacher(inputs, with_features=False).logits
+        agreement = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
+        self.log("test/agreement", agreement, sync_dist=True)

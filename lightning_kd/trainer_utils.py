@@ -1,0 +1,48 @@
+"""Small helpers shared by the module wrapper and the callback to read from a running ``lightning.Trainer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_kd.engine import unpack_batch
+
+
+def train_dataloader_of(trainer: L.Trainer) -> Any:
+    """A fresh training dataloader: the datamodule's, or the one given to ``trainer.fit``."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        return datamodule.train_dataloader()
+    source = getattr(trainer.fit_loop, "_data_source", None)  # dataloaders passed to fit() directly
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    return None
+
+
+def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any = None, n: int = 2) -> torch.Tensor:
+    """A few training inputs to probe layer shapes before fitting.
+
+    Taken from ``example`` if given, else ``pl_module.example_input_array``, else the first training batch.
+    """
+    if example is None:
+        example = getattr(pl_module, "example_input_array", None)
+    if example is None:
+        loader = train_dataloader_of(trainer)
+        if loader is None:
+            raise RuntimeError(
+                "cannot find training data to probe layer shapes before fitting; pass example_input=<a batch of "
+                "inputs> or set example_input_array on the LightningModule"
+            )
+        example = next(iter(loader))
+    inputs = unpack_batch(example)[0] if not isinstance(example, torch.Tensor) else example
+    return inputs[:n] if len(inputs) > n else inputs
+
+
+def max_steps_of(trainer: L.Trainer) -> int:
+    """The total number of optimisation steps of the fit, or ``-1`` when it cannot be known."""
+    try:
+        return int(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - unknown when the dataloader has no length
+        return -1
