@@ -50,7 +50,7 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"scheduler must be 'cosine' or null, got {scheduler!r}")
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
-        self.save_hyperparameters(ignore=["model", "teacher", "optimizer", "loss"])
+        self.save_hyperparameters(ignore=["model", "student", "teacher", "optimizer", "loss"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
