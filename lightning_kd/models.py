@@ -123,7 +123,7 @@ def match_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, whe
         for k in sorted(expected.keys() & best.keys())
         if best[k].shape != expected[k].shape
     ]
-    if missing or mismatched or not best:
+    if missing or unexpected or mismatched or not best:
         details = []
         if missing:
             details.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")

@@ -102,7 +102,7 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any, out_dir: Path) -> tuple[nn.
         teacher = build_model(cfg.teacher, num_classes)
         source = f"checkpoint {cfg.teacher.checkpoint}" if cfg.teacher.checkpoint else "timm pretrained weights"
         return teacher, {"teacher_source": source}
-    epochs = int(cfg.teacher_epochs or cfg.trainer.max_epochs)
+    epochs = int(cfg.teacher_epochs)
     store = TeacherStore(cfg.cache_dir)
     key = {
         "data": datamodule.signature(),

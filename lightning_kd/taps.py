@@ -51,9 +51,9 @@ class TapSpec:
         if not isinstance(spec, str) or not spec.strip():
             raise TapError(f"a tap must be a non-empty module path such as 'layer3' or 'fc:input', got {spec!r}")
         spec = spec.strip()
-        if spec.startswith(_STAGE_PREFIX):
-            return cls(spec)
         path, sep, io = spec.rpartition(":")
+        if spec.startswith(_STAGE_PREFIX) and not (path.startswith(_STAGE_PREFIX) and io in ("input", "output")):
+            return cls(spec)  # "stage:N" (its colon is not an io suffix)
         if sep and io in ("input", "output"):
             return cls(path, io)
         if sep:
@@ -208,6 +208,8 @@ class LayerTaps:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
             if not self._capturing:
                 return
+            if from_input and not args:
+                raise TapError(f"tap {key}: {type(module).__name__} was called without positional input")
             value = args[0] if from_input else output
             if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
                 value = value[0]

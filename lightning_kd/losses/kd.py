@@ -15,6 +15,8 @@ cross-entropy on labels is the engine's task loss; ``conf/loss/kd.yaml`` sets CE
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +41,8 @@ class KDLoss(LossTerm):
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0) -> None:
         super().__init__(weight)
-        if temperature <= 0:
-            raise ValueError(f"kd: temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"kd: temperature must be a finite number > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def forward(self, batch: DistillBatch) -> torch.Tensor:
