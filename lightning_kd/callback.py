@@ -220,8 +220,7 @@ class DistillCallback(Callback):
         )
         distill, logs = engine(step)
         loss = self.task_weight * task + distill
-        pl_module.log_dict(logs)
-        pl_module.log(f"{self._log_prefix}distill", distill.detach())
+        pl_module.log_dict({**logs, f"{self._log_prefix}distill": distill.detach()})
         if isinstance(output, Mapping):
             return {**output, "loss": loss}
         return loss

@@ -166,8 +166,7 @@ class DistillationModule(ClassifierModule):
         check_finite_task_loss(ce, "ce", self.global_step)
         loss = self.task_weight * ce + distill
         self.log("train/ce", ce, prog_bar=True)
-        self.log_dict(logs)
-        self.log("train/loss", loss)
+        self.log_dict({**logs, "train/loss": loss.detach()})
         return loss
 
     def test_step(self, batch: Any, batch_idx: int) -> None:

@@ -48,8 +48,10 @@ def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool) -> L.Trai
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     callbacks: list[Any] = []
     if checkpoints:
-        # Lightning writes checkpoints atomically (to a temporary file, then renamed); last.ckpt is kept each epoch.
-        callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0))
+        # Lightning writes checkpoints atomically (fsspec transaction: temporary file, then moved). save_top_k=1
+        # (not 0, which writes last.ckpt only when training ends) keeps the latest epoch and last.ckpt every epoch,
+        # so an interrupted run can resume with ckpt_path=.../last.ckpt.
+        callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="{epoch}", save_last=True))
     bar = cfg.progress_bar
     if bar not in ("rich", "tqdm", "none"):
         raise ValueError(f"progress_bar must be rich, tqdm or none, got {bar!r}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,14 +117,36 @@ def test_end_to_end_on_digits_then_resume_and_reuse(tmp_path) -> None:
     student = create_model("resnet18", 10, checkpoint=last)
     assert student(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
-    # 2. resume the distillation from last.ckpt for one more epoch; the teacher is reused from the store
+    # 2. a run killed mid-way (SIGKILL, between or during checkpoint writes) leaves an intact last.ckpt ...
+    killed_dir = tmp_path / "killed"
+    killed_last = killed_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_kd.run", *TINY, "model=resnet18", "teacher=resnet18",
+         "trainer.max_epochs=200", f"hydra.run.dir={killed_dir}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        writes, last_mtime, deadline = 0, None, time.monotonic() + 300
+        while writes < 3 and time.monotonic() < deadline and proc.poll() is None:
+            if killed_last.exists() and killed_last.stat().st_mtime_ns != last_mtime:
+                writes, last_mtime = writes + 1, killed_last.stat().st_mtime_ns
+            time.sleep(0.05)
+        time.sleep(0.4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert writes >= 3, "the run did not write last.ckpt three times"
+    interrupted = torch.load(killed_last, weights_only=True)
+    assert interrupted["global_step"] > 0
+
+    # ... and ckpt_path=<last> resumes it, reusing the stored teacher
     resume_dir = tmp_path / "resume"
-    proc = run_app(*TINY, "model=resnet18", "teacher=resnet18", "trainer.max_epochs=4", f"ckpt_path={last}",
-                   f"hydra.run.dir={resume_dir}", cwd=tmp_path)
+    proc = run_app(*TINY, "model=resnet18", "teacher=resnet18", f"trainer.max_epochs={interrupted['epoch'] + 2}",
+                   f"ckpt_path={killed_last}", f"hydra.run.dir={resume_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["epoch"] == ckpt["epoch"] + 1
-    assert resumed["global_step"] == ckpt["global_step"] * 4 // 3  # one more epoch on top of the first three
+    assert resumed["epoch"] > interrupted["epoch"] and resumed["global_step"] > interrupted["global_step"]
     assert "reused" in json.loads((resume_dir / "results.json").read_text())["teacher_source"]
 
     # 3. another loss on the stored teacher, student stage only
