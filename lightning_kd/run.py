@@ -48,10 +48,14 @@ def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool) -> L.Trai
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     callbacks: list[Any] = []
     if checkpoints:
-        # Lightning writes checkpoints atomically (fsspec transaction: temporary file, then moved). save_top_k=1
-        # (not 0, which writes last.ckpt only when training ends) keeps the latest epoch and last.ckpt every epoch,
-        # so an interrupted run can resume with ckpt_path=.../last.ckpt.
-        callbacks.append(ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="{epoch}", save_last=True))
+        # last.ckpt is rewritten at every epoch end, atomically (Lightning saves through an fsspec transaction: a
+        # temporary file, then moved), so an interrupted run resumes with ckpt_path=.../last.ckpt. One write per
+        # epoch: top-1 of "no monitor" is the newest epoch; save_last with save_top_k=0 would write only at the end.
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+            )
+        )
     bar = cfg.progress_bar
     if bar not in ("rich", "tqdm", "none"):
         raise ValueError(f"progress_bar must be rich, tqdm or none, got {bar!r}")
