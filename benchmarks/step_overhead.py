@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=0,
     )
 
-    # ---- the round-robin callback -------------------------------------------------------------------------------------
+    # ---- the round-robin callback ------------------------------------------------------------------------------------
     class RoundRobin(L.Callback):
         def __init__(self) -> None:
             self.a: list[float] = []

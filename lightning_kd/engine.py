@@ -136,7 +136,7 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.T
 
 
 def as_logits(output: Any) -> torch.Tensor:
-    """The logits tensor in a model output (a tensor, a ``.logits`` attribute, a ``'logits'`` key, or the first item)."""
+    """The logits in a model output: a tensor, a ``.logits`` attribute, a ``'logits'`` key, or the first item."""
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
@@ -288,7 +288,7 @@ class DistillEngine(nn.Module):
     def _teacher_passes(self, batches: Iterable[Any], device: torch.device) -> Iterator[TeacherPass]:
         for batch in batches:
             inputs, targets, indices = unpack_batch(batch)
-            to = (lambda t: t.to(device) if t is not None else None)  # noqa: E731
+            to = lambda t: t.to(device) if t is not None else None  # noqa: E731
             yield TeacherPass(self.run_teacher(to(inputs)), to(targets), to(indices))
 
     # -- one step ----------------------------------------------------------------------------------------------------

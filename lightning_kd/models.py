@@ -147,9 +147,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, arch: str | 
     return model
 
 
-def save_model_file(
-    model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]
-) -> Path:
+def save_model_file(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> Path:
     """Atomically write ``{"state_dict": ..., "lightning_kd": metadata}`` (loadable with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -159,9 +159,7 @@ class DistillationModule(ClassifierModule):
             logits = self(inputs)
         student = self.engine.student_outputs(logits)
         ce = self.task_loss(logits, targets)
-        step = DistillBatch(
-            student, teacher, targets, indices, self.global_step, self.current_epoch, self._max_steps
-        )
+        step = DistillBatch(student, teacher, targets, indices, self.global_step, self.current_epoch, self._max_steps)
         distill, logs = self.engine(step)
         check_finite_task_loss(ce, "ce", self.global_step)
         loss = self.task_weight * ce + distill

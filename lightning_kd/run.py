@@ -73,7 +73,7 @@ def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool) -> L.Trai
     )
 
 
-def test_accuracy(model: nn.Module, datamodule: L.LightningDataModule) -> float:
+def evaluate_accuracy(model: nn.Module, datamodule: L.LightningDataModule) -> float:
     """Top-1 accuracy of ``model`` on the test split (plain loop, eval mode, no grad)."""
     device = next(model.parameters()).device
     correct = total = 0
@@ -186,7 +186,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
 
     teacher, report = obtain_teacher(cfg, datamodule, out_dir)
-    results: dict[str, Any] = {"teacher": cfg.teacher.name, **report, "teacher_acc": test_accuracy(teacher, datamodule)}
+    results: dict[str, Any] = {
+        "teacher": cfg.teacher.name,
+        **report,
+        "teacher_acc": evaluate_accuracy(teacher, datamodule),
+    }
     if cfg.stage != "teacher":
         L.seed_everything(cfg.seed, workers=True)
         student = build_model(cfg.model, datamodule.num_classes)
@@ -214,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             L.seed_everything(cfg.seed, workers=True)
             baseline = build_model(cfg.model, datamodule.num_classes)
             train_classifier(cfg, baseline, datamodule, out_dir / "baseline", int(cfg.trainer.max_epochs))
-            results["baseline_acc"] = test_accuracy(baseline, datamodule)
+            results["baseline_acc"] = evaluate_accuracy(baseline, datamodule)
     results["wall_s"] = time.perf_counter() - start
     results["results"] = str(out_dir / "results.json")
     write_json_atomic(out_dir / "results.json", results)

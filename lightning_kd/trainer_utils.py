@@ -36,7 +36,7 @@ def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any 
                 "inputs> or set example_input_array on the LightningModule"
             )
         example = next(iter(loader))
-    inputs = unpack_batch(example)[0] if not isinstance(example, torch.Tensor) else example
+    inputs = unpack_batch(example)[0]
     return inputs[:n] if len(inputs) > n else inputs
 
 

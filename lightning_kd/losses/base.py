@@ -180,4 +180,3 @@ def create_loss(name: str, **kwargs: Any) -> LossTerm:
         valid = [k for k in params if k != "self"]
         raise TypeError(f"loss {name!r} got unknown argument(s) {unknown}; it accepts: {', '.join(valid)}")
     return cls(**kwargs)
-

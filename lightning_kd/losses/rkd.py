@@ -5,8 +5,9 @@ Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.0
 
 On batch embeddings :math:`x_i` (student and teacher widths may differ; no connector):
 
-- distance-wise: :math:`\\psi_D(i,j) = \\lVert x_i - x_j \\rVert_2 / \\mu`, with :math:`\\mu` the mean of the non-zero
-  pairwise distances of the batch (per model); :math:`L_D = \\mathrm{mean}_{i,j}\\, \\ell_\\delta(\\psi_D^S, \\psi_D^T)`;
+- distance-wise: :math:`\\psi_D(i,j) = \\lVert x_i - x_j \\rVert_2 / \\mu`, with :math:`\\mu` the mean of the
+  non-zero pairwise distances of the batch (per model);
+  :math:`L_D = \\mathrm{mean}_{i,j}\\, \\ell_\\delta(\\psi_D^S, \\psi_D^T)`;
 - angle-wise: :math:`e_{ij} = (x_i - x_j)/\\lVert x_i - x_j \\rVert`,
   :math:`\\psi_A(i,j,k) = \\langle e_{ij}, e_{kj} \\rangle`; :math:`L_A = \\mathrm{mean}_{i,j,k}\\,
   \\ell_\\delta(\\psi_A^S, \\psi_A^T)`,
@@ -27,11 +28,20 @@ from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
 from lightning_kd.taps import TapSpec
 
 
-def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Euclidean distance matrix of the rows of ``x`` with a zero diagonal (gradient-safe at 0)."""
-    sq = x.pow(2).sum(dim=1)
-    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * x @ x.t()).clamp(min=eps).sqrt()
-    return d * (1 - torch.eye(len(x), device=x.device, dtype=x.dtype))
+def pairwise_differences(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``diff[j, i] = x_i - x_j`` (``[B, B, D]``) and its Euclidean norm (``[B, B]``), gradient-safe at zero.
+
+    Computed from explicit differences rather than the Gram expansion ``‖a‖² + ‖b‖² − 2⟨a, b⟩`` of the authors' code:
+    the expansion loses the distance of near-duplicate samples to cancellation, which turns ``∂d/∂x`` (a unit vector)
+    into an unbounded one. The norm is ``sqrt(max(‖diff‖², eps))``, so coincident samples get no gradient.
+    """
+    diff = x.unsqueeze(0) - x.unsqueeze(1)
+    return diff, diff.pow(2).sum(dim=2).clamp(min=eps).sqrt()
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance matrix of the rows of ``x`` with a zero diagonal."""
+    return pairwise_differences(x)[1] * (1 - torch.eye(len(x), device=x.device, dtype=x.dtype))
 
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -44,9 +54,18 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.smooth_l1_loss(s, t)
 
 
-def _angles(x: torch.Tensor) -> torch.Tensor:
-    diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # diff[j, i] = x_i - x_j
-    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+def _angles(x: torch.Tensor, rel_tol: float = 1e-4) -> torch.Tensor:
+    """Cosines ``⟨e_ji, e_jk⟩`` of all triplets, flattened; ``e`` of (near-)coincident pairs is 0.
+
+    The direction of a pair closer than ``rel_tol`` × the mean pairwise distance is undefined; giving it the unit
+    vector of ``F.normalize`` would back-propagate gradients of order ``1/eps`` (1e12) and wreck training (seen on
+    digits with resnet18: NaN at step 4). Such pairs contribute a zero cosine without gradient, as the ``i = j`` pairs
+    do.
+    """
+    diff, norm = pairwise_differences(x)
+    tol = rel_tol * norm.detach().mean().clamp(min=1e-12)
+    unit = torch.where((norm > tol).unsqueeze(2), diff / norm.clamp(min=tol).unsqueeze(2), torch.zeros_like(diff))
+    return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
