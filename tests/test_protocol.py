@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_kd import DistillationModule, DistillCallback
 from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, TeacherPass
+from lightning_kd.config import CONF_DIR
 from lightning_kd.taps import TapSpec, find_classifier
 
 N, CLASSES = 32, 10
@@ -111,7 +112,7 @@ def test_protocol_through_the_callback() -> None:
     _check(term, epochs=2, batches_per_epoch=N // 8)
 
 
-@pytest.mark.parametrize("loss", ["kd", "fitnet", "rkd"])
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml")))
 def test_every_loss_yaml_lists_every_argument(loss: str) -> None:
     import inspect
 
@@ -119,5 +120,8 @@ def test_every_loss_yaml_lists_every_argument(loss: str) -> None:
     from lightning_kd.losses import get_loss_class
 
     cfg = compose([f"loss={loss}"])
-    params = {p for p in inspect.signature(get_loss_class(loss).__init__).parameters if p != "self"}
-    assert set(cfg.loss.terms[loss]) == params
+    assert "task_weight" in cfg.loss and cfg.loss.terms
+    for name, kwargs in cfg.loss.terms.items():
+        cls = get_loss_class(kwargs.get("name", name))
+        params = {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
+        assert set(kwargs) - {"name"} == params, f"conf/loss/{loss}.yaml term {name!r}"
