@@ -23,11 +23,29 @@ import torch.nn.functional as F
 from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))``, batch mean, computed in float32 whatever the input dtype."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score of logits (logit standardisation; Sun et al., "Logit Standardization in Knowledge
+    Distillation", CVPR 2024): ``Z(z) = (z − mean(z)) / (std(z) + eps)``, with the unbiased standard deviation and
+    ``eps = 1e-7`` as in the authors' code (sunshangquan/logit-standardization-KD) and torchdistill's
+    ``LogitStdKDLoss``. Float32."""
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + eps)
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *, standardize: bool = False
+) -> torch.Tensor:
+    """``τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))``, batch mean, computed in float32 whatever the input dtype.
+
+    With ``standardize``, both logits are z-scored per sample first (:func:`standardize_logits`); τ is then the
+    paper's base temperature and the τ² factor is kept, as in the authors' code.
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    log_s = F.log_softmax(s / temperature, dim=-1)
+    log_t = F.log_softmax(t / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 @register_loss("kd")
@@ -37,16 +55,18 @@ class KDLoss(LossTerm):
     Args:
         weight: weight of the term (``loss.terms.kd.weight``).
         temperature: softmax temperature τ (> 0).
+        standardize: z-score the logits per sample before the softmax (logit standardisation, CVPR 2024).
     """
 
-    def __init__(self, weight: float = 1.0, temperature: float = 4.0) -> None:
+    def __init__(self, weight: float = 1.0, temperature: float = 4.0, standardize: bool = False) -> None:
         super().__init__(weight)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"kd: temperature must be a finite number > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.standardize = bool(standardize)
 
     def forward(self, batch: DistillBatch) -> torch.Tensor:
-        return kd_loss(batch.student.logits, batch.teacher.logits, self.temperature)
+        return kd_loss(batch.student.logits, batch.teacher.logits, self.temperature, standardize=self.standardize)
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, temperature={self.temperature}"
+        return f"weight={self.weight}, temperature={self.temperature}, standardize={self.standardize}"
