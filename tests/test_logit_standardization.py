@@ -83,3 +83,19 @@ def test_yaml_option() -> None:
     cfg = compose(["loss=kd", "loss.terms.kd.standardize=true", "loss.terms.kd.temperature=2"])
     term = build_terms(cfg.loss.terms)["kd"]
     assert isinstance(term, KDLoss) and term.standardize and term.temperature == 2.0
+
+
+def test_dkd_standardize_equals_dkd_on_zscored_logits_and_is_invariant() -> None:
+    from lightning_kd.losses.dkd import DKDLoss, dkd_loss
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    expected = dkd_loss(standardize_logits(s), standardize_logits(t), y, 1.0, 8.0, 2.0)
+    torch.testing.assert_close(dkd_loss(s, t, y, 1.0, 8.0, 2.0, standardize=True), expected)
+    shifted = dkd_loss(4.0 * s - 3.0, 0.25 * t + 1.0, y, 1.0, 8.0, 2.0, standardize=True)
+    torch.testing.assert_close(shifted, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dkd_loss(4.0 * s, t, y, 1.0, 8.0, 2.0), dkd_loss(s, t, y, 1.0, 8.0, 2.0))
+    term = DKDLoss(temperature=2.0, warmup=0, standardize=True)
+    parts = term(DistillBatch(ModelOutputs(s), ModelOutputs(t), targets=y))
+    torch.testing.assert_close(sum(parts.values()), expected)

@@ -15,8 +15,8 @@ from conftest import fast_trainer, make_loader, tiny
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_kd import DistillationModule, DistillCallback
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, TeacherPass
 from lightning_kd.config import CONF_DIR
+from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, TeacherPass
 from lightning_kd.taps import TapSpec, find_classifier
 
 N, CLASSES = 32, 10

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
+from lightning_kd.losses.kd import standardize_logits
 
 
 def _check_targets(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -64,11 +65,18 @@ def dkd_parts(
     teacher_logits: torch.Tensor,
     targets: torch.Tensor | None,
     temperature: float,
+    *,
+    standardize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``(TCKD, NCKD)`` KL divergences at temperature τ (no τ², no weights, no batch mean), float32."""
+    """Per-sample ``(TCKD, NCKD)`` KL divergences at temperature τ (no τ², no weights, no batch mean), float32.
+
+    With ``standardize``, both logits are z-scored per sample first (logit standardisation, Sun et al., CVPR 2024;
+    :func:`~lightning_kd.losses.kd.standardize_logits`)."""
     targets = _check_targets(student_logits, targets)
-    s = student_logits.float() / temperature
-    t = teacher_logits.detach().float() / temperature
+    s, t = student_logits.float(), teacher_logits.detach().float()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = s / temperature, t / temperature
     idx = targets.unsqueeze(1)
     target_mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
 
@@ -97,9 +105,11 @@ def dkd_loss(
     alpha: float,
     beta: float,
     temperature: float,
+    *,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """``τ² · (α·TCKD + β·NCKD)``, batch mean, computed in float32 whatever the input dtype."""
-    tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, temperature)
+    tckd, nckd = dkd_parts(student_logits, teacher_logits, targets, temperature, standardize=standardize)
     return (alpha * tckd + beta * nckd).mean() * temperature**2
 
 
@@ -114,6 +124,7 @@ class DKDLoss(LossTerm):
         temperature: softmax temperature τ (> 0; authors: 4.0).
         warmup: epochs of linear warm-up, factor ``min((epoch + 1) / warmup, 1)`` with the 0-based epoch (authors:
             20, with 1-based epochs and ``min(epoch / warmup, 1)``); 0 disables it.
+        standardize: z-score the logits per sample before the softmax (logit standardisation, CVPR 2024).
     """
 
     def __init__(
@@ -123,6 +134,7 @@ class DKDLoss(LossTerm):
         beta: float = 8.0,
         temperature: float = 4.0,
         warmup: int = 20,
+        standardize: bool = False,
     ) -> None:
         super().__init__(weight)
         if not (math.isfinite(temperature) and temperature > 0):
@@ -136,6 +148,7 @@ class DKDLoss(LossTerm):
         self.beta = float(beta)
         self.temperature = float(temperature)
         self.warmup = int(warmup)
+        self.standardize = bool(standardize)
 
     def warmup_factor(self, epoch: int) -> float:
         """``min((epoch + 1) / warmup, 1)`` for the 0-based ``epoch`` (1.0 when ``warmup == 0``)."""
@@ -144,12 +157,14 @@ class DKDLoss(LossTerm):
         return min((epoch + 1) / self.warmup, 1.0)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        tckd, nckd = dkd_parts(batch.student.logits, batch.teacher.logits, batch.targets, self.temperature)
+        tckd, nckd = dkd_parts(
+            batch.student.logits, batch.teacher.logits, batch.targets, self.temperature, standardize=self.standardize
+        )
         scale = self.warmup_factor(batch.epoch) * self.temperature**2
         return {"tckd": scale * self.alpha * tckd.mean(), "nckd": scale * self.beta * nckd.mean()}
 
     def extra_repr(self) -> str:
         return (
             f"weight={self.weight}, alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"warmup={self.warmup}"
+            f"warmup={self.warmup}, standardize={self.standardize}"
         )
