@@ -55,8 +55,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, register_loss
-from lightning_kd.taps import TapSpec
+from lightning_kd.losses.base import DistillBatch, LayerPairs, LossTerm, SetupContext, register_loss
 
 DEFAULT_LAYERS = ("stage:-4", "stage:-3", "stage:-2")
 
@@ -104,29 +103,15 @@ class ATLoss(LossTerm):
         p: float = 2.0,
     ) -> None:
         super().__init__(weight)
-        if isinstance(student_layers, str):
-            student_layers = [student_layers]
-        if isinstance(teacher_layers, str):
-            teacher_layers = [teacher_layers]
-        student_layers, teacher_layers = list(student_layers), list(teacher_layers)
-        if not student_layers or len(student_layers) != len(teacher_layers):
-            raise ValueError(
-                f"at: student_layers ({len(student_layers)}) and teacher_layers ({len(teacher_layers)}) must be "
-                "non-empty lists of equal length (one teacher layer per student layer)"
-            )
+        self.layers = LayerPairs.parse("at", student_layers, teacher_layers)
+        self.student_taps, self.teacher_taps = self.layers.student, self.layers.teacher
         p = float(p)
         if not (math.isfinite(p) and p > 0):
             raise ValueError(f"at: p must be a finite positive number, got {p}")
         self.p = p
-        self.student_taps = [TapSpec.parse(s) for s in student_layers]
-        self.teacher_taps = [TapSpec.parse(t) for t in teacher_layers]
-        self.pairs = list(zip(self.student_taps, self.teacher_taps))
-        # log names: the student tap (with the pair index when a student tap is used twice); no '/' allowed
-        names = [str(s).replace("/", "_") for s in self.student_taps]
-        self.part_names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
     def setup(self, ctx: SetupContext) -> None:
-        for s_tap, t_tap in self.pairs:
+        for _, s_tap, t_tap in self.layers:
             s_shape, t_shape = tuple(ctx.student[s_tap].shape), tuple(ctx.teacher[t_tap].shape)
             if len(s_shape) < 3 or len(t_shape) < 3:
                 raise ValueError(
@@ -147,11 +132,8 @@ class ATLoss(LossTerm):
                 )
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        return {
-            name: at_loss(batch.student[s_tap], batch.teacher[t_tap], self.p)
-            for name, (s_tap, t_tap) in zip(self.part_names, self.pairs)
-        }
+        return {name: at_loss(batch.student[s_tap], batch.teacher[t_tap], self.p) for name, s_tap, t_tap in self.layers}
 
     def extra_repr(self) -> str:
-        pairs = ", ".join(f"{s}->{t}" for s, t in self.pairs)
+        pairs = ", ".join(f"{s}->{t}" for _, s, t in self.layers)
         return f"weight={self.weight}, p={self.p}, pairs=[{pairs}]"

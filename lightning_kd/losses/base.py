@@ -14,7 +14,8 @@ Adding a method is one module in :mod:`lightning_kd.losses` that subclasses :cla
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -132,6 +133,45 @@ class LossTerm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument helpers shared by the terms
+# --------------------------------------------------------------------------------------------------------------------
+def check_temperature(term: str, temperature: float) -> float:
+    """``temperature`` as a float, or a ``ValueError`` naming the term when it is not a finite number > 0."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{term}: temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+@dataclass
+class LayerPairs:
+    """Matched student/teacher taps of a multi-layer term, with a log name per pair.
+
+    Log names are the student taps (``/`` replaced), suffixed ``#i`` when a student tap is used twice.
+    """
+
+    student: list[TapSpec]
+    teacher: list[TapSpec]
+    names: list[str]
+
+    @classmethod
+    def parse(cls, term: str, student_layers: str | Sequence[str], teacher_layers: str | Sequence[str]) -> LayerPairs:
+        s_layers = [student_layers] if isinstance(student_layers, str) else list(student_layers)
+        t_layers = [teacher_layers] if isinstance(teacher_layers, str) else list(teacher_layers)
+        if not s_layers or len(s_layers) != len(t_layers):
+            raise ValueError(
+                f"{term}: student_layers ({len(s_layers)}) and teacher_layers ({len(t_layers)}) must be "
+                "non-empty lists of equal length (one teacher layer per student layer)"
+            )
+        student = [TapSpec.parse(x) for x in s_layers]
+        names = [str(x).replace("/", "_") for x in student]
+        names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        return cls(student, [TapSpec.parse(x) for x in t_layers], names)
+
+    def __iter__(self) -> Iterator[tuple[str, TapSpec, TapSpec]]:
+        return iter(zip(self.names, self.student, self.teacher))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
+from lightning_kd.losses.base import DistillBatch, LossTerm, check_temperature, register_loss
 
 
 def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -100,14 +100,12 @@ class DISTLoss(LossTerm):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(weight)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"dist: temperature must be a finite number > 0, got {temperature}")
         for name, value in (("beta", beta), ("gamma", gamma), ("eps", eps)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"dist: {name} must be a finite number >= 0, got {value}")
         self.beta = float(beta)
         self.gamma = float(gamma)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature("dist", temperature)
         self.eps = float(eps)
 
     def forward(self, batch: DistillBatch) -> torch.Tensor:

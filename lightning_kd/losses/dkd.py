@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
+from lightning_kd.losses.base import DistillBatch, LossTerm, check_temperature, register_loss
 from lightning_kd.losses.kd import standardize_logits
 
 
@@ -137,8 +137,6 @@ class DKDLoss(LossTerm):
         standardize: bool = False,
     ) -> None:
         super().__init__(weight)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"dkd: temperature must be a finite number > 0, got {temperature}")
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not math.isfinite(value):
                 raise ValueError(f"dkd: {name} must be finite, got {value}")
@@ -146,7 +144,7 @@ class DKDLoss(LossTerm):
             raise ValueError(f"dkd: warmup must be an integer number of epochs >= 0, got {warmup}")
         self.alpha = float(alpha)
         self.beta = float(beta)
-        self.temperature = float(temperature)
+        self.temperature = check_temperature("dkd", temperature)
         self.warmup = int(warmup)
         self.standardize = bool(standardize)
 

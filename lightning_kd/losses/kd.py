@@ -15,12 +15,10 @@ cross-entropy on labels is the engine's task loss; ``conf/loss/kd.yaml`` sets CE
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
+from lightning_kd.losses.base import DistillBatch, LossTerm, check_temperature, register_loss
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -60,9 +58,7 @@ class KDLoss(LossTerm):
 
     def __init__(self, weight: float = 1.0, temperature: float = 4.0, standardize: bool = False) -> None:
         super().__init__(weight)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"kd: temperature must be a finite number > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature("kd", temperature)
         self.standardize = bool(standardize)
 
     def forward(self, batch: DistillBatch) -> torch.Tensor:

@@ -42,8 +42,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
-from lightning_kd.taps import TapSpec
+from lightning_kd.losses.base import DistillBatch, LayerPairs, LossTerm, register_loss
 
 DEFAULT_LAYERS = ("stage:-1",)
 
@@ -88,28 +87,12 @@ class SPLoss(LossTerm):
         teacher_layers: Sequence[str] = DEFAULT_LAYERS,
     ) -> None:
         super().__init__(weight)
-        if isinstance(student_layers, str):
-            student_layers = [student_layers]
-        if isinstance(teacher_layers, str):
-            teacher_layers = [teacher_layers]
-        student_layers, teacher_layers = list(student_layers), list(teacher_layers)
-        if not student_layers or len(student_layers) != len(teacher_layers):
-            raise ValueError(
-                f"sp: student_layers ({len(student_layers)}) and teacher_layers ({len(teacher_layers)}) must be "
-                "non-empty lists of equal length (one teacher layer per student layer)"
-            )
-        self.student_taps = [TapSpec.parse(s) for s in student_layers]
-        self.teacher_taps = [TapSpec.parse(t) for t in teacher_layers]
-        self.pairs = list(zip(self.student_taps, self.teacher_taps))
-        names = [str(s).replace("/", "_") for s in self.student_taps]
-        self.part_names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self.layers = LayerPairs.parse("sp", student_layers, teacher_layers)
+        self.student_taps, self.teacher_taps = self.layers.student, self.layers.teacher
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        return {
-            name: sp_loss(batch.student[s_tap], batch.teacher[t_tap])
-            for name, (s_tap, t_tap) in zip(self.part_names, self.pairs)
-        }
+        return {name: sp_loss(batch.student[s_tap], batch.teacher[t_tap]) for name, s_tap, t_tap in self.layers}
 
     def extra_repr(self) -> str:
-        pairs = ", ".join(f"{s}->{t}" for s, t in self.pairs)
+        pairs = ", ".join(f"{s}->{t}" for _, s, t in self.layers)
         return f"weight={self.weight}, pairs=[{pairs}]"

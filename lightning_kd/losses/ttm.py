@@ -41,19 +41,11 @@ z-scored per sample first (logit standardisation, Sun et al., CVPR 2024;
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, register_loss
+from lightning_kd.losses.base import DistillBatch, LossTerm, check_temperature, register_loss
 from lightning_kd.losses.kd import standardize_logits
-
-
-def _check_temperature(name: str, temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
 
 
 def transformed_teacher(
@@ -117,7 +109,7 @@ class TTMLoss(LossTerm):
 
     def __init__(self, weight: float = 45.0, temperature: float = 10.0, standardize: bool = False) -> None:
         super().__init__(weight)
-        self.temperature = _check_temperature(getattr(self, "registry_name", "ttm"), temperature)
+        self.temperature = check_temperature(getattr(self, "registry_name", "ttm"), temperature)
         self.standardize = bool(standardize)
 
     @property
