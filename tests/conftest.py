@@ -43,3 +43,24 @@ def fast_trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded CPU generator."""
+    return torch.Generator().manual_seed(seed)
+
+
+def layer_batch(term, student: list[torch.Tensor], teacher: list[torch.Tensor]):
+    """A DistillBatch carrying one tensor per matched layer under the term's own taps (dummy logits)."""
+    from lightning_kd.losses.base import DistillBatch, ModelOutputs
+
+    b = len(student[0])
+    return DistillBatch(
+        ModelOutputs(torch.zeros(b, 3), dict(zip(term.student_taps, student))),
+        ModelOutputs(torch.zeros(b, 3), dict(zip(term.teacher_taps, teacher))),
+    )
+
+
+def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of a term's named parts."""
+    return sum(parts.values())

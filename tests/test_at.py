@@ -10,6 +10,7 @@ import lightning
 import pytest
 import timm
 import torch
+from conftest import gen, layer_batch, total
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,26 +19,10 @@ from torchdistill.losses.mid_level import ATLoss as TDATLoss
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
-from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
+from lightning_kd.losses import ModelOutputs, SetupContext, create_loss
 from lightning_kd.losses.at import ATLoss, at_loss, attention_map
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def at_batch(term: ATLoss, s: list[torch.Tensor], t: list[torch.Tensor]) -> DistillBatch:
-    b = len(s[0])
-    return DistillBatch(
-        ModelOutputs(torch.zeros(b, 3), dict(zip(term.student_taps, s))),
-        ModelOutputs(torch.zeros(b, 3), dict(zip(term.teacher_taps, t))),
-    )
-
-
-def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(parts.values())
 
 
 # --------------------------------------------------------------------------------------------------- hand-worked
@@ -55,7 +40,7 @@ def test_hand_worked_two_channels_two_by_two() -> None:
     torch.testing.assert_close(attention_map(s)[0], torch.tensor(q_s), **TOL)
     assert float(at_loss(s, t)) == pytest.approx(expected, rel=1e-5)
     term = ATLoss(student_layers=["layer1"], teacher_layers=["layer2"])
-    parts = term(at_batch(term, [s], [t]))
+    parts = term(layer_batch(term, [s], [t]))
     assert set(parts) == {"layer1"}
     assert float(parts["layer1"]) == pytest.approx(expected, rel=1e-5)
     # p = 1: mean_c |f| = [1, 1, 0, 0.5]
@@ -112,7 +97,7 @@ def test_matches_torchdistill_code_mode_two_pairs() -> None:
 
     term = ATLoss(student_layers=["layer1", "layer2"], teacher_layers=["layer2", "layer3"])
     s1_o, s2_o = s1.clone().requires_grad_(True), s2.clone().requires_grad_(True)
-    parts = term(at_batch(term, [s1_o, s2_o], [t1, t2]))
+    parts = term(layer_batch(term, [s1_o, s2_o], [t1, t2]))
     assert set(parts) == {"layer1", "layer2"}
     value = total(parts)
     torch.testing.assert_close(value, expected, **TOL)
@@ -172,7 +157,7 @@ def test_gradients_reach_student_only() -> None:
     s = torch.randn(3, 4, 4, 4, generator=gen(20)).requires_grad_()
     t = torch.randn(3, 8, 4, 4, generator=gen(21))
     term = ATLoss(student_layers=["a"], teacher_layers=["b"])
-    batch = at_batch(term, [s], [t])
+    batch = layer_batch(term, [s], [t])
     total(term(batch)).backward()
     assert not t.requires_grad and t.grad is None
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
@@ -209,8 +194,14 @@ def test_timm_resnet_pair_through_lightning() -> None:
     module = lightning_kd.DistillationModule(student, teacher, loss="at")
     n = 8
     data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(data, batch_size=4))
     metrics = trainer.callback_metrics
     assert "train/at" in metrics

@@ -9,31 +9,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import gen, layer_batch, total
 from omegaconf import OmegaConf
 from torchdistill.losses.mid_level import SPKDLoss
 
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
-from lightning_kd.losses import DistillBatch, ModelOutputs, create_loss
+from lightning_kd.losses import create_loss
 from lightning_kd.losses.sp import SPLoss, similarity_matrix, sp_loss
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def sp_batch(term: SPLoss, s: list[torch.Tensor], t: list[torch.Tensor]) -> DistillBatch:
-    b = len(s[0])
-    return DistillBatch(
-        ModelOutputs(torch.zeros(b, 3), dict(zip(term.student_taps, s))),
-        ModelOutputs(torch.zeros(b, 3), dict(zip(term.teacher_taps, t))),
-    )
-
-
-def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(parts.values())
 
 
 # --------------------------------------------------------------------------------------------------- hand-worked
@@ -47,7 +32,7 @@ def test_hand_worked_batch_of_two() -> None:
     torch.testing.assert_close(similarity_matrix(s), torch.tensor(gs), **TOL)
     assert float(sp_loss(s, t)) == pytest.approx(expected, rel=1e-5)
     term = SPLoss(student_layers=["layer4"], teacher_layers=["layer3"])
-    parts = term(sp_batch(term, [s], [t]))
+    parts = term(layer_batch(term, [s], [t]))
     assert set(parts) == {"layer4"}
     assert float(parts["layer4"]) == pytest.approx(expected, rel=1e-5)
 
@@ -103,7 +88,7 @@ def test_torchdistill_with_l2_rows_matches_and_its_l1_output_differs() -> None:
     torch.testing.assert_close(td.matmul_and_normalize(s), F.normalize(s.flatten(1) @ s.flatten(1).t(), p=1, dim=1))
 
     term = SPLoss(student_layers=["layer4"], teacher_layers=["layer4"])
-    ours = total(term(sp_batch(term, [s], [t])))
+    ours = total(term(layer_batch(term, [s], [t])))
     torch.testing.assert_close(ours, td_l2, **TOL)
     assert abs(float(ours) - float(td_value)) > 1e-3 * max(float(ours), 1e-6)
     assert abs(float(ours) - float(td_value)) > 1e-4
@@ -113,7 +98,7 @@ def test_pairs_are_summed() -> None:
     s1, t1 = torch.randn(4, 3, 4, 4, generator=gen(12)), torch.randn(4, 6, 4, 4, generator=gen(13))
     s2, t2 = torch.randn(4, 5, generator=gen(14)), torch.randn(4, 7, 2, 2, generator=gen(15))
     term = SPLoss(student_layers=["a", "b"], teacher_layers=["c", "d"])
-    parts = term(sp_batch(term, [s1, s2], [t1, t2]))
+    parts = term(layer_batch(term, [s1, s2], [t1, t2]))
     assert set(parts) == {"a", "b"}
     torch.testing.assert_close(total(parts), sp_loss(s1, t1) + sp_loss(s2, t2), **TOL)
     with pytest.raises(ValueError, match="equal length"):
@@ -125,7 +110,7 @@ def test_gradients_reach_student_only() -> None:
     s = torch.randn(4, 6, 3, 3, generator=gen(20)).requires_grad_()
     t = torch.randn(4, 12, 3, 3, generator=gen(21)).requires_grad_()
     term = SPLoss(student_layers=["a"], teacher_layers=["b"])
-    out = total(term(sp_batch(term, [s], [t])))
+    out = total(term(layer_batch(term, [s], [t])))
     assert out.dtype == torch.float32
     out.backward()
     assert t.grad is None
