@@ -40,7 +40,7 @@ from lightning_kd.engine import DistillEngine, LossSpec, eval_mode, unpack_batch
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.models import create_model, load_model_file, load_weights
 from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps
-from lightning_kd.trainer_utils import max_steps_of, probe_inputs, train_dataloader_of
+from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
 _ATTR_PREFIX = f"{INTERNAL_PREFIX}engine"
 
@@ -126,7 +126,7 @@ class DistillCallback(Callback):
             self.engine = DistillEngine(
                 self.loss, teacher, student_logits=self.student_logits, log_prefix=self._log_prefix
             )
-            self.engine.setup(pl_module, inputs, pl_module)
+            self.engine.setup(pl_module, inputs, pl_module, num_samples_of(trainer))
         else:
             self.engine.attach(pl_module)
         pl_module.add_module(self._attr, self.engine)

@@ -260,9 +260,16 @@ class DistillEngine(nn.Module):
         return ModelOutputs(logits.detach(), taps.pop())
 
     # -- before fitting ----------------------------------------------------------------------------------------------
-    def setup(self, student: nn.Module, inputs: torch.Tensor, run_student: Callable[[torch.Tensor], Any]) -> None:
+    def setup(
+        self,
+        student: nn.Module,
+        inputs: torch.Tensor,
+        run_student: Callable[[torch.Tensor], Any],
+        num_samples: int | None = None,
+    ) -> None:
         """Probe both models on ``inputs`` (eval mode, no grad), check the class counts and let every term build its
-        trainable parts. Must run before the optimizer is created."""
+        trainable parts. Must run before the optimizer is created. ``num_samples`` is the training-set size (for
+        memory banks), when known."""
         self.attach(student)
         with eval_mode(student), torch.no_grad(), self.student_capture():
             out = run_student(inputs)
@@ -274,7 +281,7 @@ class DistillEngine(nn.Module):
                 f"the student predicts {n_s} classes and the teacher {n_t}; create both with the same num_classes "
                 "(e.g. timm.create_model(name, num_classes=N)) or load a teacher trained on the same data"
             )
-        ctx = SetupContext(s_out, t_out, student, self.teacher, int(n_s))
+        ctx = SetupContext(s_out, t_out, student, self.teacher, int(n_s), num_samples)
         for term in self.terms.values():
             term.setup(ctx)
         self.is_setup = True

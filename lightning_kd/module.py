@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_kd.engine import DistillEngine, LossSpec, check_finite_task_loss, unpack_batch
 from lightning_kd.losses.base import DistillBatch
-from lightning_kd.trainer_utils import max_steps_of, probe_inputs, train_dataloader_of
+from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -137,7 +137,7 @@ class DistillationModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         """Install the taps and build the terms' trainable parts before ``configure_optimizers`` and DDP."""
         if stage == "fit" and not self.engine.is_setup:
-            self.engine.setup(self.model, probe_inputs(self.trainer, self), self.model)
+            self.engine.setup(self.model, probe_inputs(self.trainer, self), self.model, num_samples_of(self.trainer))
         elif stage == "fit":
             self.engine.attach(self.model)
 

@@ -40,6 +40,15 @@ def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any 
     return inputs[:n] if len(inputs) > n else inputs
 
 
+def num_samples_of(trainer: L.Trainer) -> int | None:
+    """The size of the training dataset (sample indices range over ``[0, n)``), or ``None`` when it has no length."""
+    loader = train_dataloader_of(trainer)
+    try:
+        return len(loader.dataset)  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return None
+
+
 def max_steps_of(trainer: L.Trainer) -> int:
     """The total number of optimisation steps of the fit, or ``-1`` when it cannot be known."""
     try:

@@ -80,6 +80,7 @@ class SetupContext:
         teacher_model: the teacher (read-only use: e.g. copy its classifier weights into a buffer; never store the
             module itself on the term, or it would be trained and checkpointed).
         num_classes: the number of classes (logit width).
+        num_samples: the size of the training set, when known (memory banks indexed by ``DistillBatch.indices``).
     """
 
     student: ModelOutputs
@@ -87,6 +88,7 @@ class SetupContext:
     student_model: nn.Module
     teacher_model: nn.Module
     num_classes: int
+    num_samples: int | None = None
 
 
 @dataclass
@@ -120,6 +122,13 @@ class LossTerm(nn.Module):
     def taps(self) -> dict[str, list[TapSpec]]:
         """The layers this term reads, per side."""
         return {STUDENT: list(self.student_taps), TEACHER: list(self.teacher_taps)}
+
+    def borrow(self, name: str, obj: Any) -> None:
+        """Keep a reference to something owned elsewhere (the student's classifier, the teacher's head) as
+        ``self.<name>`` without registering it as a submodule: it is not in this term's parameters or state_dict, so
+        it is neither trained twice nor saved with the term (the student's own parameters still get gradients
+        through it; the teacher's stay frozen)."""
+        self.__dict__[name] = obj
 
     def setup(self, ctx: SetupContext) -> None:  # noqa: B027 - optional hook
         """Build trainable parts from the probe shapes. Called once, before the optimizer exists."""
