@@ -298,6 +298,13 @@ class DistillEngine(nn.Module):
             to = lambda t: t.to(device) if t is not None else None  # noqa: E731
             yield TeacherPass(self.run_teacher(to(inputs)), to(targets), to(indices))
 
+    def student_predictor(self, student: nn.Module) -> nn.Module | None:
+        """The model that predicts for ``student`` when a term replaces its head (SimKD), else ``None``."""
+        found = {name: p for name, term in self.terms.items() if (p := term.student_predictor(student)) is not None}
+        if len(found) > 1:
+            raise ValueError(f"terms {sorted(found)} each replace the student's predictions; keep only one of them")
+        return next(iter(found.values()), None)
+
     # -- one step ----------------------------------------------------------------------------------------------------
     def forward(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the terms and a dict of unweighted values to log (``train/kd``, ``train/rkd/angle``...)."""

@@ -134,6 +134,11 @@ class DistillationModule(ClassifierModule):
         """The frozen teacher (not a submodule)."""
         return self.engine.teacher
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's predictions: its own logits, or those of the term that replaces its head (SimKD)."""
+        predictor = self.engine.student_predictor(self.model) if self.engine.is_setup else None
+        return self.model(x) if predictor is None else predictor(x)
+
     def setup(self, stage: str) -> None:
         """Install the taps and build the terms' trainable parts before ``configure_optimizers`` and DDP."""
         if stage == "fit" and not self.engine.is_setup:
@@ -156,7 +161,7 @@ class DistillationModule(ClassifierModule):
         inputs, targets, indices = unpack_batch(batch)
         teacher = self.engine.run_teacher(inputs)
         with self.engine.student_capture():
-            logits = self(inputs)
+            logits = self.model(inputs)  # the student's own head (a SimKD predictor is for evaluation)
         student = self.engine.student_outputs(logits)
         ce = self.task_loss(logits, targets)
         step = DistillBatch(student, teacher, targets, indices, self.global_step, self.current_epoch, self._max_steps)

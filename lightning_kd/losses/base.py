@@ -136,6 +136,11 @@ class LossTerm(nn.Module):
     def prepare(self, passes: Iterable[TeacherPass]) -> None:  # noqa: B027 - optional hook
         """Consume one pass of the teacher over the training data (only if :attr:`needs_prepare`)."""
 
+    def student_predictor(self, student: nn.Module) -> nn.Module | None:
+        """The model that makes the student's predictions when this term replaces the student's own head (SimKD
+        reuses the teacher's classifier); ``None`` (the default) when the student predicts with its own logits."""
+        return None
+
     def forward(self, batch: DistillBatch) -> torch.Tensor | Mapping[str, torch.Tensor]:
         """Return the unweighted loss: a scalar, or a dict of named scalars that are summed."""
         raise NotImplementedError
