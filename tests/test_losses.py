@@ -1,7 +1,7 @@
 """Tests of the distillation loss terms (:mod:`lightning_kd.losses`) and of the engine's weighted sum (CPU).
 
 Reference values come from hand computations (``math`` only), from independent float64 formulas, and from
-torchdistill's implementations of the same losses (KD, RKD, FitNets' ``ConvReg`` + MSE).
+torchdistill's implementations of the same losses (KD, RKD); FitNets is tested in ``test_fitnet.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchdistill.losses.mid_level import KDLoss as TDKDLoss
 from torchdistill.losses.mid_level import RKDLoss as TDRKDLoss
-from torchdistill.models.adaptation import ConvReg
 
 from lightning_kd.engine import DistillEngine, NonFiniteLossError, build_terms
 from lightning_kd.losses import (
@@ -27,7 +26,6 @@ from lightning_kd.losses import (
     get_loss_class,
     registered_losses,
 )
-from lightning_kd.losses.connectors import ShapeMismatchError
 from lightning_kd.losses.fitnet import FitNetLoss
 from lightning_kd.losses.kd import KDLoss, kd_loss
 from lightning_kd.losses.rkd import RKDLoss, rkd_angle_loss, rkd_distance_loss
@@ -75,8 +73,8 @@ def setup_fitnet(term: FitNetLoss, s: torch.Tensor, t: torch.Tensor) -> FitNetLo
     """Build the term's connector from probe tensors shaped like ``s`` and ``t``."""
     b = len(s)
     ctx = SetupContext(
-        student=ModelOutputs(torch.zeros(b, 3), {term.student_tap: s.detach()}),
-        teacher=ModelOutputs(torch.zeros(b, 3), {term.teacher_tap: t.detach()}),
+        student=ModelOutputs(torch.zeros(b, 3), {term.student_taps[0]: s.detach()}),
+        teacher=ModelOutputs(torch.zeros(b, 3), {term.teacher_taps[0]: t.detach()}),
         student_model=nn.Identity(),
         teacher_model=nn.Identity(),
         num_classes=3,
@@ -259,64 +257,6 @@ def test_rkd_matches_torchdistill(dist: float, angle: float) -> None:
     torch.testing.assert_close(s_ours.grad, s_td.grad, **TOL)
 
 
-def _copy_conv(src: nn.Conv2d, dst: nn.Conv2d) -> None:
-    with torch.no_grad():
-        dst.weight.copy_(src.weight)
-        if dst.bias is not None and src.bias is not None:
-            dst.bias.copy_(src.bias)
-
-
-def test_fitnet_convreg_matches_torchdistill() -> None:
-    torch.manual_seed(0)
-    s = torch.randn(6, 4, 5, 5, generator=gen(30))
-    t = torch.randn(6, 8, 5, 5, generator=gen(31))
-    term = setup_fitnet(FitNetLoss(student_layer="layer2", teacher_layer="layer3", connector="conv", batchnorm=True,
-                                   relu=True), s, t)
-    reg = ConvReg(4, 8, kernel_size=1, stride=1, padding=0, uses_relu=True)
-    ours_conv, ours_bn = term.connector[0], term.connector[1]
-    assert isinstance(ours_conv, nn.Conv2d) and isinstance(ours_bn, nn.BatchNorm2d)
-    assert isinstance(term.connector[-1], nn.ReLU)
-    with torch.no_grad():  # non-trivial BN affine parameters, copied to both
-        reg.bn.weight.uniform_(0.5, 1.5)
-        reg.bn.bias.uniform_(-0.5, 0.5)
-        ours_bn.weight.copy_(reg.bn.weight)
-        ours_bn.bias.copy_(reg.bn.bias)
-    _copy_conv(reg.conv, ours_conv)
-    # our conv has no bias before BatchNorm (it is cancelled by the batch mean in train mode); ConvReg's has one
-    assert ours_conv.bias is None and reg.conv.bias is not None and reg.conv.bias.abs().sum() > 0
-    term.train()
-    reg.train()
-
-    s_td = s.clone().requires_grad_(True)
-    expected = nn.MSELoss()(reg(s_td), t)
-    expected.backward()
-    s_ours = s.clone().requires_grad_(True)
-    value = term(feature_batch(term, s_ours, t))
-    value.backward()
-    torch.testing.assert_close(value, expected, **TOL)
-    torch.testing.assert_close(s_ours.grad, s_td.grad, **TOL)
-    torch.testing.assert_close(ours_conv.weight.grad, reg.conv.weight.grad, **TOL)
-
-
-def test_fitnet_plain_conv_matches_bare_conv_mse() -> None:
-    s = torch.randn(3, 4, 6, 6, generator=gen(32))
-    t = torch.randn(3, 7, 6, 6, generator=gen(33))
-    term = setup_fitnet(FitNetLoss(student_layer="layer2", teacher_layer="layer2", connector="conv"), s, t)
-    assert isinstance(term.connector, nn.Conv2d) and term.connector.kernel_size == (1, 1)
-    ref = nn.Conv2d(4, 7, kernel_size=1)
-    _copy_conv(term.connector, ref)
-    assert term.connector.bias is not None
-
-    s_ref = s.clone().requires_grad_(True)
-    expected = nn.MSELoss()(ref(s_ref), t)
-    expected.backward()
-    s_ours = s.clone().requires_grad_(True)
-    value = term(feature_batch(term, s_ours, t))
-    value.backward()
-    torch.testing.assert_close(value, expected, **TOL)
-    torch.testing.assert_close(s_ours.grad, s_ref.grad, **TOL)
-
-
 # ======================================================================================================= 3. RKD
 def test_rkd_hand_worked_triangles() -> None:
     # student A=(0,0) B=(1,0) C=(0,1); teacher A=(0,0) B=(2,0) C=(0,1)
@@ -424,83 +364,6 @@ def test_rkd_gradient_finite_with_duplicate_samples() -> None:
     assert torch.isfinite(total) and torch.isfinite(s.grad).all()
 
 
-# ===================================================================================================== 4. FitNet
-def test_fitnet_conv_connector_receives_gradients() -> None:
-    s = torch.randn(4, 3, 4, 4, generator=gen(50))
-    t = torch.randn(4, 6, 4, 4, generator=gen(51))
-    term = setup_fitnet(FitNetLoss(student_layer="layer1", teacher_layer="layer2"), s, t)  # auto → 1×1 conv
-    assert isinstance(term.connector, nn.Conv2d) and term.connector.out_channels == 6
-    term(feature_batch(term, s, t)).backward()
-    assert term.connector.weight.grad is not None and term.connector.weight.grad.abs().sum() > 0
-
-
-def test_fitnet_linear_connector_for_vectors() -> None:
-    s = torch.randn(5, 8, generator=gen(52)).requires_grad_(True)
-    t = torch.randn(5, 12, generator=gen(53))
-    term = setup_fitnet(FitNetLoss(student_layer="embedding", teacher_layer="embedding"), s, t)
-    assert isinstance(term.connector, nn.Linear)
-    assert (term.connector.in_features, term.connector.out_features) == (8, 12)
-    value = term(feature_batch(term, s, t))
-    expected = ((s @ term.connector.weight.t() + term.connector.bias - t) ** 2).mean()
-    torch.testing.assert_close(value, expected, **TOL)
-    value.backward()
-    assert term.connector.weight.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
-
-
-def test_fitnet_no_connector_equal_shapes_is_plain_mse() -> None:
-    s = torch.randn(3, 4, 2, 2, generator=gen(54))
-    t = torch.randn(3, 4, 2, 2, generator=gen(55))
-    term = setup_fitnet(FitNetLoss(student_layer="a", teacher_layer="b", connector="none"), s, t)
-    assert not list(term.parameters())
-    assert float(term(feature_batch(term, s, t))) == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-6)
-
-
-def test_fitnet_no_connector_mismatch_is_explained() -> None:
-    s = torch.randn(2, 4, 8, 8)
-    t = torch.randn(2, 16, 8, 8)
-    term = FitNetLoss(student_layer="layer2", teacher_layer="layer3", connector="none")
-    with pytest.raises(ShapeMismatchError) as info:
-        setup_fitnet(term, s, t)
-    msg = str(info.value)
-    assert str([4, 8, 8]) in msg and str([16, 8, 8]) in msg and "connector" in msg
-    assert isinstance(info.value, ValueError)
-
-
-def test_fitnet_spatial_mismatch_is_explained() -> None:
-    term = FitNetLoss(student_layer="layer2", teacher_layer="layer3")
-    with pytest.raises(ShapeMismatchError, match="spatial size"):
-        setup_fitnet(term, torch.randn(2, 4, 8, 8), torch.randn(2, 16, 4, 4))
-
-
-def test_fitnet_forward_before_setup_is_an_error() -> None:
-    term = FitNetLoss(student_layer="layer2", teacher_layer="layer3")
-    with pytest.raises(RuntimeError, match="setup"):
-        term(feature_batch(term, torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)))
-
-
-def test_fitnet_connector_is_checkpointed_and_trained() -> None:
-    s = torch.randn(4, 3, 4, 4, generator=gen(56))
-    t = torch.randn(4, 6, 4, 4, generator=gen(57))
-    term = setup_fitnet(FitNetLoss(student_layer="layer1", teacher_layer="layer2", batchnorm=True), s, t)
-    conv = term.connector[0]
-    state = term.state_dict()
-    assert any(k.startswith("connector.") and k.endswith("weight") for k in state)
-    assert any(k.endswith("running_mean") for k in state)  # BN buffers too
-    assert any(v is conv.weight or torch.equal(v, conv.weight) for v in state.values())
-    assert any(p is conv.weight for p in term.parameters())
-
-    # a fresh term built from the same shapes restores the connector from that state
-    fresh = setup_fitnet(FitNetLoss(student_layer="layer1", teacher_layer="layer2", batchnorm=True), s, t)
-    assert not torch.equal(fresh.connector[0].weight, conv.weight)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.connector[0].weight, conv.weight)
-
-    # inside an engine the connector is part of the engine's parameters (the optimizer sees it)
-    engine = DistillEngine(loss={"hint": term}, teacher=nn.Linear(2, 2))
-    assert any(p is conv.weight for p in engine.parameters())
-    assert "terms.hint.connector.0.weight" in engine.state_dict()
-
-
 # =================================================================================================== 5. registry
 def test_registry_contents_and_create() -> None:
     names = registered_losses()
@@ -536,14 +399,15 @@ def test_build_terms_from_a_name_and_a_list() -> None:
 
 def test_build_terms_alias_two_fitnets() -> None:
     spec = {
-        "hint_mid": {"name": "fitnet", "weight": 10.0, "student_layer": "layer2", "teacher_layer": "layer2"},
-        "hint_last": {"name": "fitnet", "student_layer": "layer3", "teacher_layer": "layer4", "connector": "linear"},
+        "hint_mid": {"name": "fitnet", "weight": 10.0, "student_layers": "layer2", "teacher_layers": "layer2"},
+        "hint_last": {"name": "fitnet", "student_layers": "layer3", "teacher_layers": "layer4", "connector": "linear"},
     }
     terms = build_terms(spec)
     assert list(terms) == ["hint_mid", "hint_last"]
     assert all(isinstance(term, FitNetLoss) for term in terms.values())
-    assert terms["hint_mid"].weight == 10.0 and terms["hint_mid"].student_tap == TapSpec.parse("layer2")
-    assert terms["hint_last"].teacher_tap == TapSpec.parse("layer4") and terms["hint_last"].connector_kind == "linear"
+    assert terms["hint_mid"].weight == 10.0 and terms["hint_mid"].student_taps == [TapSpec.parse("layer2")]
+    assert terms["hint_last"].teacher_taps == [TapSpec.parse("layer4")]
+    assert terms["hint_last"].connector_kind == "linear"
     assert spec["hint_mid"]["name"] == "fitnet"  # the caller's config is not consumed
     # the same from an OmegaConf config (what Hydra passes)
     assert list(build_terms(OmegaConf.create(spec))) == ["hint_mid", "hint_last"]
@@ -600,7 +464,8 @@ def test_engine_weighted_sum_and_logs() -> None:
         loss={
             "kd": {"weight": weights["kd"], "temperature": 3.0},
             "rkd": {"weight": weights["rkd"], "distance_weight": 25.0, "angle_weight": 50.0},
-            "hint": {"name": "fitnet", "weight": weights["hint"], "student_layer": "layer2", "teacher_layer": "layer2"},
+            "hint": {"name": "fitnet", "weight": weights["hint"], "student_layers": "layer2",
+                     "teacher_layers": "layer2"},
         },
         teacher=nn.Linear(2, 2),
     )

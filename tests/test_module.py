@@ -86,7 +86,7 @@ def test_class_count_mismatch() -> None:
 
 
 def test_bad_layer_path_names_model_and_close_matches() -> None:
-    module = DistillationModule(tiny(), tiny(), loss={"fitnet": {"student_layer": "layer33"}})
+    module = DistillationModule(tiny(), tiny(), loss={"fitnet": {"student_layers": "layer33"}})
     with pytest.raises(TapError, match=r"ResNet has no layer 'layer33'.*layer3"):
         fast_trainer(max_steps=1).fit(module, make_loader())
 
