@@ -25,7 +25,7 @@ from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
 from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
 from lightning_kd.losses.memory import Embed
-from lightning_kd.losses.wcord import WCoRDLoss, critic_gradient_penalty, ot_loss, sinkhorn_plan
+from lightning_kd.losses.wcord import WCoRDLoss, coupling, critic_gradient_penalty, ot_loss
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -112,7 +112,7 @@ def test_sinkhorn_two_points_closed_form(eps: float) -> None:
     # so the transport cost <π, C> = k / (1 + k)
     cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     k = math.exp(-1 / eps)
-    plan = sinkhorn_plan(cost, eps, 200)
+    plan = coupling(cost, eps, 200)
     a = 1 / (2 * (1 + k))
     torch.testing.assert_close(plan, torch.tensor([[a, 0.5 - a], [0.5 - a, a]]), **TOL)
     assert float((plan * cost).sum()) == pytest.approx(k / (1 + k), rel=1e-5)
@@ -124,13 +124,13 @@ def test_sinkhorn_marginals_and_brute_force_assignment() -> None:
     t = torch.randn(4, 5, generator=gen(2))
     cost = 1 - nn.functional.normalize(s, dim=1) @ nn.functional.normalize(t, dim=1).t()
     best = min(sum(float(cost[i, p[i]]) for i in range(4)) / 4 for p in itertools.permutations(range(4)))
-    plan = sinkhorn_plan(cost, 0.01, 2000)
+    plan = coupling(cost, 0.01, 2000)
     torch.testing.assert_close(plan.sum(1), torch.full((4,), 0.25), atol=1e-4, rtol=0)  # slow at small ε
     torch.testing.assert_close(plan.sum(0), torch.full((4,), 0.25), **TOL)  # exact after the column update
     # at the defaults (ε = 0.05, 100 iterations) a 64-sample batch is converged
     s64, t64 = torch.randn(64, 16, generator=gen(3)), torch.randn(64, 16, generator=gen(4))
     c64 = 1 - nn.functional.normalize(s64, dim=1) @ nn.functional.normalize(t64, dim=1).t()
-    torch.testing.assert_close(sinkhorn_plan(c64, 0.05, 100).sum(1), torch.full((64,), 1 / 64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(coupling(c64, 0.05, 100).sum(1), torch.full((64,), 1 / 64), atol=1e-6, rtol=0)
     value = float(ot_loss(s, t, 0.01, 2000))
     assert value == pytest.approx(best, abs=1e-2)
     # larger ε: the plan spreads out and the cost rises above the optimum

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
 from lightning_kd.losses.memory import ContrastMemory, Embed, build_memory, check_contrast_args
+from lightning_kd.losses.sinkd import sinkhorn_plan
 from lightning_kd.taps import TapSpec
 
 
@@ -78,21 +79,11 @@ def bank_logits(anchor: torch.Tensor, rows: torch.Tensor, temperature: float) ->
 
 
 @torch.no_grad()
-def sinkhorn_plan(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """Entropic optimal-transport plan between uniform weights for ``cost [n, m]`` (log-domain Sinkhorn).
-
-    Minimises ``⟨π, C⟩ − ε H(π)`` over plans with marginals ``1/n`` and ``1/m``; no gradient.
-    """
-    cost = cost.float()
-    n, m = cost.shape
-    log_a = torch.full((n,), -math.log(n), device=cost.device)
-    log_b = torch.full((m,), -math.log(m), device=cost.device)
-    f = torch.zeros(n, device=cost.device)
-    g = torch.zeros(m, device=cost.device)
-    for _ in range(iterations):
-        f = epsilon * (log_a - torch.logsumexp((g.unsqueeze(0) - cost) / epsilon, dim=1))
-        g = epsilon * (log_b - torch.logsumexp((f.unsqueeze(1) - cost) / epsilon, dim=0))
-    return torch.exp((f.unsqueeze(1) + g.unsqueeze(0) - cost) / epsilon)
+def coupling(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """Entropic optimal-transport coupling of the square ``cost [B, B]`` between uniform weights ``1/B``: minimises
+    ``⟨π, C⟩ − ε H(π)``. It is SinKD's Sinkhorn plan (:func:`lightning_kd.losses.sinkd.sinkhorn_plan`, rows and columns
+    of mass 1) divided by ``B``; no gradient."""
+    return sinkhorn_plan(cost, epsilon, iterations) / cost.shape[0]
 
 
 def ot_loss(student: torch.Tensor, teacher: torch.Tensor, epsilon: float = 0.05, iterations: int = 100) -> torch.Tensor:
@@ -102,7 +93,7 @@ def ot_loss(student: torch.Tensor, teacher: torch.Tensor, epsilon: float = 0.05,
     batch: it compares the two empirical distributions, not sample pairs.
     """
     cost = 1.0 - F.normalize(student.float(), dim=1) @ F.normalize(teacher.float(), dim=1).t()
-    return (sinkhorn_plan(cost.detach(), epsilon, iterations) * cost).sum()
+    return (coupling(cost.detach(), epsilon, iterations) * cost).sum()
 
 
 def critic_gradient_penalty(
