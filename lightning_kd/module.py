@@ -102,7 +102,8 @@ class DistillationModule(ClassifierModule):
         student: the network to train.
         teacher: the frozen teacher (kept out of the module tree, optimizer, DDP and checkpoints).
         loss: loss terms — a registered name (``"kd"``), a list, ``{name: kwargs}`` or :class:`LossTerm` objects.
-        task_weight: weight of the cross-entropy on labels.
+        task_weight: weight of the cross-entropy on labels; default 1, or 0 when a term replaces the label loss
+            (``pld``, ``simkd``: :attr:`LossTerm.replaces_task_loss`).
         optimizer, scheduler, label_smoothing: as in :class:`ClassifierModule`.
 
     Example::
@@ -119,13 +120,16 @@ class DistillationModule(ClassifierModule):
         student: nn.Module,
         teacher: nn.Module,
         loss: LossSpec = "kd",
-        task_weight: float = 1.0,
+        task_weight: float | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: str | None = "cosine",
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(student, optimizer, scheduler, label_smoothing)
         self.engine = DistillEngine(loss, teacher)
+        if task_weight is None:
+            replaces = any(term.replaces_task_loss for term in self.engine.terms.values())
+            task_weight = 0.0 if replaces else 1.0
         self.task_weight = float(task_weight)
         self._max_steps = -1
 

@@ -27,6 +27,12 @@ def make_loader(n: int = 32, classes: int = 10, size: int = 16, batch: int = 8, 
     return DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=batch)
 
 
+def random_data(n: int = 8, size: int = 32, classes: int = 10, batch: int = 4) -> DataLoader:
+    """(x, y, index) batches of random images, labels cycling through the classes (for a few smoke steps)."""
+    y = torch.arange(n) % classes
+    return DataLoader(TensorDataset(torch.randn(n, 3, size, size), y, torch.arange(n)), batch_size=batch)
+
+
 def tiny(name: str = "resnet18", classes: int = 10, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(name, num_classes=classes)
@@ -43,6 +49,27 @@ def fast_trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class GapNet(torch.nn.Module):
+    """A tiny timm-like CNN: ``features`` (3×3 conv + ReLU) → global pooling → ``fc``, with ``forward_head`` and
+    ``get_classifier`` (for terms that reuse a classifier or recompute class scores from the last map)."""
+
+    def __init__(self, channels: int = 4, classes: int = 5, seed: int = 0, stride: int = 1, pool: str = "avg") -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, stride=stride, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(channels, classes)
+        self.pool = pool
+
+    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(a.mean(dim=(2, 3)) if self.pool == "avg" else a.amax(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.features(x))
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
 
 
 def gen(seed: int) -> torch.Generator:

@@ -77,8 +77,9 @@ def test_gradient_equals_task_plus_weighted_kd() -> None:
 
 
 def test_dict_return_and_feature_terms_with_timm_name_teacher() -> None:
-    cb = DistillCallback(teacher="resnet34", loss=["kd", {"fitnet": {"student_layers": "net.layer3",
-                                                                    "teacher_layers": "layer3"}}])
+    cb = DistillCallback(
+        teacher="resnet34", loss=["kd", {"fitnet": {"student_layers": "net.layer3", "teacher_layers": "layer3"}}]
+    )
     model, trainer, _ = _fit([cb], returns="dict", steps=2)
     assert "train/fitnet" in trainer.callback_metrics
     assert cb.engine is not None and cb.engine.terms["fitnet"].connector is not None
@@ -110,8 +111,9 @@ def test_connector_outside_optimizer_is_refused() -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.net.parameters(), lr=0.01)
 
-    cb = DistillCallback(teacher=tiny("resnet34", seed=3), loss={"fitnet": {"student_layers": "net.layer3",
-                                                                            "teacher_layers": "layer3"}})
+    cb = DistillCallback(
+        teacher=tiny("resnet34", seed=3), loss={"fitnet": {"student_layers": "net.layer3", "teacher_layers": "layer3"}}
+    )
     with pytest.raises(RuntimeError, match="not in your optimizer"):
         fast_trainer(max_steps=1, callbacks=[cb]).fit(NetOnly(), make_loader())
 

@@ -9,15 +9,13 @@ import inspect
 import math
 import warnings
 
-import lightning
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import gen
+from conftest import GapNet, fast_trainer, gen, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
@@ -27,19 +25,6 @@ from lightning_kd.losses.catkd import CATKDLoss, binarize_cams, cat_loss, class_
 from lightning_kd.taps import TapSpec
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-class GapLinear(nn.Module):
-    """A tiny CNN: ``features`` (conv + ReLU) -> global average pooling -> ``fc``."""
-
-    def __init__(self, channels: int = 4, classes: int = 5, seed: int = 0, stride: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, stride=stride, padding=1), nn.ReLU())
-        self.fc = nn.Linear(channels, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
 def _outputs(model: nn.Module, tap: str, x: torch.Tensor) -> ModelOutputs:
@@ -144,7 +129,7 @@ def test_cams_of_a_timm_resnet_average_to_its_logits_and_setup_does_not_warn() -
 
 def test_zero_for_identical_models_and_positive_otherwise() -> None:
     x = torch.randn(3, 3, 6, 6, generator=gen(1))
-    teacher = GapLinear(seed=1)
+    teacher = GapNet(seed=1)
     student = copy.deepcopy(teacher)
     for kwargs in [
         {},
@@ -157,7 +142,7 @@ def test_zero_for_identical_models_and_positive_otherwise() -> None:
         _setup(term, student, teacher, x)
         assert float(term(_batch(term, student, teacher, x)).detach()) < 1e-12, kwargs
     term = CATKDLoss(student_layer="features", teacher_layer="features")
-    other = GapLinear(seed=2)
+    other = GapNet(seed=2)
     _setup(term, other, teacher, x)
     assert float(term(_batch(term, other, teacher, x)).detach()) > 1e-4
 
@@ -250,7 +235,7 @@ def test_class_selection_keeps_exactly_num_cams_unlike_the_authors_mask() -> Non
 # ----------------------------------------------------------------------------------------- gradients and precision
 def test_gradients_reach_the_student_map_and_classifier_never_the_teacher() -> None:
     x = torch.randn(4, 3, 6, 6, generator=gen(30))
-    student, teacher = GapLinear(channels=4, seed=3), GapLinear(channels=6, seed=4)  # teacher left trainable
+    student, teacher = GapNet(channels=4, seed=3), GapNet(channels=6, seed=4)  # teacher left trainable
     term = CATKDLoss(student_layer="features", teacher_layer="features")
     _setup(term, student, teacher, x)
     assert list(term.parameters()) == [] and term.state_dict() == {}  # classifiers are borrowed, not owned
@@ -287,9 +272,9 @@ def test_bf16_inputs_give_float32_equal_to_the_float32_computation() -> None:
 # --------------------------------------------------------------------------------------------------- errors
 def test_channel_mismatch_names_the_tap_shape_and_classifier() -> None:
     x = torch.randn(2, 3, 6, 6, generator=gen(50))
-    teacher = GapLinear(channels=6, seed=6)
+    teacher = GapNet(channels=6, seed=6)
 
-    class Wider(GapLinear):  # a tap whose width is not the classifier's
+    class Wider(GapNet):  # a tap whose width is not the classifier's
         def __init__(self) -> None:
             super().__init__(channels=4, seed=5)
             self.extra = nn.Conv2d(3, 8, 1)
@@ -307,7 +292,7 @@ def test_channel_mismatch_names_the_tap_shape_and_classifier() -> None:
 
 def test_classifier_must_be_linear_and_exist() -> None:
     x = torch.randn(2, 3, 6, 6, generator=gen(51))
-    student, teacher = GapLinear(seed=7), GapLinear(seed=8)
+    student, teacher = GapNet(seed=7), GapNet(seed=8)
     term = CATKDLoss(student_layer="features", teacher_layer="features", student_classifier="features")
     with pytest.raises(ValueError, match=r"student's classifier 'features' is Sequential, not a linear layer"):
         _setup(term, student, teacher, x)
@@ -331,7 +316,7 @@ def test_bad_arguments_and_non_map_taps() -> None:
     with pytest.raises(ValueError, match="cam_selection"):
         CATKDLoss(cam_selection="middle")
     x = torch.randn(2, 3, 6, 6, generator=gen(52))
-    student, teacher = GapLinear(seed=9), GapLinear(seed=10)
+    student, teacher = GapNet(seed=9), GapNet(seed=10)
     term = CATKDLoss(student_layer="features", teacher_layer="features", num_cams=6)
     with pytest.raises(ValueError, match="num_cams = 6 exceeds the 5 classes"):
         _setup(term, student, teacher, x)
@@ -348,14 +333,14 @@ def test_bad_arguments_and_non_map_taps() -> None:
 
 def test_warns_for_one_by_one_maps_and_for_maps_that_are_not_the_pooled_one() -> None:
     x = torch.randn(2, 3, 2, 2, generator=gen(53))
-    student, teacher = GapLinear(seed=11, stride=2), GapLinear(seed=12, stride=2)  # 1×1 maps
+    student, teacher = GapNet(seed=11, stride=2), GapNet(seed=12, stride=2)  # 1×1 maps
     term = CATKDLoss(student_layer="features", teacher_layer="features")
     with pytest.warns(UserWarning, match="1×1"):
         _setup(term, student, teacher, x)
     x = torch.randn(2, 3, 6, 6, generator=gen(54))
     term = CATKDLoss(student_layer="features", teacher_layer="features.0")  # the pre-ReLU conv output
     with pytest.warns(UserWarning, match="do not average to its logits"):
-        _setup(term, GapLinear(seed=13), GapLinear(seed=14), x)
+        _setup(term, GapNet(seed=13), GapNet(seed=14), x)
 
 
 # ----------------------------------------------------------------------------------------------- config and Lightning
@@ -383,19 +368,11 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="catkd")
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 64, 64), torch.randint(0, 10, (n,)), torch.arange(n))
+    data = random_data(n=8, size=64)
     fc_before = student.fc.weight.detach().clone()
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "train/catkd" in metrics
     assert math.isfinite(float(metrics["train/catkd"])) and float(metrics["train/catkd"]) > 0

@@ -7,14 +7,12 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen
+from conftest import fast_trainer, gen, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.losses.mid_level import CCKDLoss as TDCCKDLoss
 from torchdistill.models.wrapper import Linear4CCKD
 
@@ -292,17 +290,9 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="cc")
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     value = trainer.callback_metrics["train/cc"]
     assert math.isfinite(float(value)) and float(value) > 0
     term = module.engine.terms["cc"]

@@ -13,14 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen, total
+from conftest import fast_trainer, gen, random_data, total
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.losses.mid_level import CRDLoss as TDCRDLoss
 
 import lightning_kd
@@ -435,18 +433,11 @@ def test_timm_resnet_pair_through_lightning() -> None:
     teacher = timm.create_model("resnet18", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="crd")
     n = 16
-    data = TensorDataset(torch.randn(n, 3, 16, 16), torch.arange(n) % 10, torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = random_data(n=n, size=16)
+    trainer = fast_trainer(max_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(data, batch_size=4))
+        trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/crd"])) and float(metrics["train/crd"]) > 0
     parts = sorted(k for k in metrics if k.startswith("train/crd/"))

@@ -10,14 +10,12 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen, layer_batch, total
+from conftest import fast_trainer, gen, layer_batch, random_data, total
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
@@ -280,18 +278,10 @@ def test_timm_resnet_pair_through_lightning(connector: str) -> None:
     teacher = timm.create_model("resnet34", num_classes=10)
     loss = "cwd" if connector == "auto" else {"cwd": {"connector": connector}}
     module = lightning_kd.DistillationModule(student, teacher, loss=loss)
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
     term = module.engine.terms["cwd"]
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "train/cwd" in metrics
     assert math.isfinite(float(metrics["train/cwd"])) and float(metrics["train/cwd"]) > 0

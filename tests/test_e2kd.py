@@ -8,15 +8,13 @@ import copy
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import gen
+from conftest import GapNet, fast_trainer, gen, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import resize
 
 import lightning_kd
@@ -27,22 +25,6 @@ from lightning_kd.losses.e2kd import E2KDLoss, explanation_loss, grad_cam, teach
 from lightning_kd.taps import TapSpec
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-class GapLinear(nn.Module):
-    """A tiny CNN with a timm-style ``forward_head``: ``features`` (conv + ReLU) -> average pooling -> ``fc``."""
-
-    def __init__(self, channels: int = 4, classes: int = 5, seed: int = 0, stride: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, stride=stride, padding=1), nn.ReLU())
-        self.fc = nn.Linear(channels, classes)
-
-    def forward_head(self, a: torch.Tensor) -> torch.Tensor:
-        return self.fc(a.mean(dim=(2, 3)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.features(x))
 
 
 def _outputs(model: nn.Module, tap: str, x: torch.Tensor) -> ModelOutputs:
@@ -71,8 +53,8 @@ def _term(**kwargs) -> E2KDLoss:
 A = torch.tensor([[[1.0, 0.0], [2.0, -1.0]], [[0.0, 3.0], [-2.0, 1.0]]]).view(1, 2, 2, 2)
 
 
-def _head(weight: list[list[float]], bias: list[float]) -> GapLinear:
-    model = GapLinear(channels=2, classes=2)
+def _head(weight: list[list[float]], bias: list[float]) -> GapNet:
+    model = GapNet(channels=2, classes=2)
     with torch.no_grad():
         model.fc.weight.copy_(torch.tensor(weight))
         model.fc.bias.copy_(torch.tensor(bias))
@@ -132,7 +114,7 @@ def test_hand_worked_loss_value() -> None:
 # --------------------------------------------------------------------------------------------------- properties
 def test_zero_for_identical_models_and_positive_otherwise() -> None:
     x = torch.randn(4, 3, 6, 6, generator=gen(1))
-    teacher = GapLinear(seed=1)
+    teacher = GapNet(seed=1)
     student = copy.deepcopy(teacher)
     for map_size in (None, 12):
         term = _term(map_size=map_size)
@@ -140,7 +122,7 @@ def test_zero_for_identical_models_and_positive_otherwise() -> None:
         parts = term(_batch(term, student, teacher, x))
         assert float(parts["explanation"].detach()) < 1e-6 and float(parts["kd"].detach()) < 1e-6
     term = _term()
-    other = GapLinear(seed=2)
+    other = GapNet(seed=2)
     _setup(term, other, teacher, x)
     assert float(term(_batch(term, other, teacher, x))["explanation"].detach()) > 1e-3
 
@@ -148,7 +130,7 @@ def test_zero_for_identical_models_and_positive_otherwise() -> None:
 def test_explanation_is_invariant_to_positive_scaling_of_the_student_map() -> None:
     # Grad-CAM of GAP + linear is linear in the map, and the cosine ignores the scale
     x = torch.randn(3, 3, 6, 6, generator=gen(2))
-    student, teacher = GapLinear(seed=3), GapLinear(seed=4)
+    student, teacher = GapNet(seed=3), GapNet(seed=4)
     term = _term()
     _setup(term, student, teacher, x)
     batch = _batch(term, student, teacher, x)
@@ -193,7 +175,7 @@ def _authors_e2kd(student, teacher, x, temperature, exp_coef, logit_coef):
 @pytest.mark.parametrize(("temperature", "exp_coef", "logit_coef"), [(1.0, 1.0, 1.0), (5.0, 10.0, 0.5)])
 def test_matches_the_authors_pipeline(temperature: float, exp_coef: float, logit_coef: float) -> None:
     x = torch.randn(4, 3, 8, 8, generator=gen(10))
-    student, teacher = GapLinear(channels=8, seed=1), GapLinear(channels=12, seed=2, stride=2)  # 8×8 and 4×4 maps
+    student, teacher = GapNet(channels=8, seed=1), GapNet(channels=12, seed=2, stride=2)  # 8×8 and 4×4 maps
     expected = _authors_e2kd(student, teacher, x, temperature, exp_coef, logit_coef)
     expected_grads = torch.autograd.grad(expected, list(student.parameters()))
 
@@ -239,7 +221,7 @@ def test_student_map_is_resized_to_the_teacher_size() -> None:
 # ----------------------------------------------------------------------------------------- gradients and precision
 def test_explanation_trains_the_student_through_the_second_order_path_never_the_teacher() -> None:
     x = torch.randn(4, 3, 6, 6, generator=gen(20))
-    student, teacher = GapLinear(seed=7), GapLinear(channels=6, seed=8)  # the teacher is left trainable here
+    student, teacher = GapNet(seed=7), GapNet(channels=6, seed=8)  # the teacher is left trainable here
     term = _term(kd_weight=0.0)
     _setup(term, student, teacher, x)
     assert list(term.parameters()) == [] and term.state_dict() == {}  # the teacher's head is borrowed, not owned
@@ -255,7 +237,7 @@ def test_explanation_trains_the_student_through_the_second_order_path_never_the_
 
 def test_bf16_inputs_give_float32_close_to_the_float32_computation() -> None:
     x = torch.randn(4, 3, 6, 6, generator=gen(21))
-    student, teacher = GapLinear(seed=9), GapLinear(seed=10)
+    student, teacher = GapNet(seed=9), GapNet(seed=10)
     term = _term()
     _setup(term, student, teacher, x)
 
@@ -283,7 +265,7 @@ def test_bf16_inputs_give_float32_close_to_the_float32_computation() -> None:
 # --------------------------------------------------------------------------------------------------- errors
 def test_teacher_head_is_required_and_must_reproduce_the_logits() -> None:
     x = torch.randn(2, 3, 6, 6, generator=gen(30))
-    student = GapLinear(seed=11)
+    student = GapNet(seed=11)
     plain = nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()),
         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)),
@@ -300,7 +282,7 @@ def test_teacher_head_is_required_and_must_reproduce_the_logits() -> None:
         E2KDLoss(student_layer="features", teacher_layer="0", teacher_head="head").setup(
             SetupContext(s, ModelOutputs(t.logits, {ok.teacher_tap: t[term.teacher_tap]}), student, plain, 5)
         )
-    teacher = GapLinear(seed=12)
+    teacher = GapNet(seed=12)
     wrong = _term(teacher_layer="features.0")  # the pre-ReLU conv output: forward_head(tap) != logits
     with pytest.raises(
         ValueError,
@@ -327,7 +309,7 @@ def test_timm_teacher_head_check() -> None:
 
 def test_student_map_must_feed_the_logits_in_a_graph() -> None:
     x = torch.randn(2, 3, 6, 6, generator=gen(32))
-    student, teacher = GapLinear(seed=13), GapLinear(seed=14)
+    student, teacher = GapNet(seed=13), GapNet(seed=14)
     term = _term()
     _setup(term, student, teacher, x)
     batch = _batch(term, student, teacher, x)
@@ -353,7 +335,7 @@ def test_bad_arguments_non_map_taps_and_one_by_one_maps() -> None:
     with pytest.raises(ValueError, match="map_size"):
         E2KDLoss(map_size=0)
     x = torch.randn(2, 3, 6, 6, generator=gen(33))
-    student, teacher = GapLinear(seed=15), GapLinear(seed=16)
+    student, teacher = GapNet(seed=15), GapNet(seed=16)
     term = E2KDLoss(student_layer="fc:input", teacher_layer="features")
     with torch.no_grad():
         s = ModelOutputs(student(x), {term.student_tap: student.features(x).mean(dim=(2, 3))})
@@ -362,7 +344,7 @@ def test_bad_arguments_non_map_taps_and_one_by_one_maps() -> None:
         term.setup(SetupContext(s, t, student, teacher, num_classes=5))
     x = torch.randn(2, 3, 2, 2, generator=gen(34))
     with pytest.warns(UserWarning, match="1×1"):
-        _setup(_term(), GapLinear(seed=17, stride=2), GapLinear(seed=18, stride=2), x)
+        _setup(_term(), GapNet(seed=17, stride=2), GapNet(seed=18, stride=2), x)
 
 
 # ----------------------------------------------------------------------------------------------- config and Lightning
@@ -390,18 +372,10 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="e2kd", task_weight=0.0)
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 64, 64), torch.randint(0, 10, (n,)), torch.arange(n))
+    data = random_data(n=8, size=64)
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     for key in ("train/e2kd", "train/e2kd/kd", "train/e2kd/explanation"):
         assert key in metrics and math.isfinite(float(metrics[key])), key

@@ -8,15 +8,13 @@ import inspect
 import math
 import random
 
-import lightning
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import gen
+from conftest import fast_trainer, gen, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.models.adaptation import ConvReg
 
 import lightning_kd
@@ -590,17 +588,9 @@ def test_timm_resnets_all_to_one_over_four_stages_through_lightning() -> None:
     stages = ["stage:-4", "stage:-3", "stage:-2", "stage:-1"]
     loss = {"fitnet": {"student_layers": stages, "teacher_layers": stages, "layer_map": "all_to_one", "resize": True}}
     module = lightning_kd.DistillationModule(student, teacher, loss=loss)
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/fitnet"])) and float(metrics["train/fitnet"]) > 0
     parts = sorted(k for k in metrics if k.startswith("train/fitnet/"))

@@ -7,14 +7,12 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen
+from conftest import fast_trainer, gen, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.losses.mid_level import ChSimLoss
 from torchdistill.models.wrapper import ChannelSimilarityEmbed
 
@@ -260,31 +258,16 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss={"ickd": {"student_layer": "stage:-2"}})
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
     with pytest.raises(ValueError, match="spatial sizes differ"):  # layer3 (2×2) against layer4 (1×1)
-        trainer.fit(module, DataLoader(data, batch_size=4))
+        trainer.fit(module, data)
 
     torch.manual_seed(0)
     student = timm.create_model("resnet18", num_classes=10)  # fresh: the failed setup left its taps on the first
     module = lightning_kd.DistillationModule(student, teacher, loss="ickd")
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     value = trainer.callback_metrics["train/ickd"]
     assert math.isfinite(float(value)) and 0 < float(value) <= 4
     conv = module.engine.terms["ickd"].connector[0]

@@ -241,8 +241,9 @@ def test_rkd_matches_torchdistill(dist: float, angle: float) -> None:
     # student feature maps (flattened to 16-d) against 12-d teacher embeddings
     s = torch.randn(10, 4, 2, 2, generator=gen(20))
     t = torch.randn(10, 12, generator=gen(21))
-    td = TDRKDLoss(student_output_path="s", teacher_output_path="t", dist_factor=dist, angle_factor=angle,
-                   reduction="mean")
+    td = TDRKDLoss(
+        student_output_path="s", teacher_output_path="t", dist_factor=dist, angle_factor=angle, reduction="mean"
+    )
     s_td = s.clone().requires_grad_(True)
     expected = td({"s": {"output": s_td}}, {"t": {"output": t}})
     expected.backward()
@@ -294,10 +295,8 @@ def test_rkd_hand_worked_linear_branch_of_smooth_l1() -> None:
     cs = [1.0, -1.0, 1.0]
     ct = [0.0, 1 / math.sqrt(2), 1 / math.sqrt(2)]
     assert abs(cs[1] - ct[1]) > 1  # exercises |x| - 0.5
-    assert float(rkd_distance_loss(s, t)) == pytest.approx(2 * sum(huber(a - b) for a, b in zip(ds, dt)) / 9,
-                                                           rel=1e-5)
-    assert float(rkd_angle_loss(s, t)) == pytest.approx(2 * sum(huber(a - b) for a, b in zip(cs, ct)) / 27,
-                                                        rel=1e-5)
+    assert float(rkd_distance_loss(s, t)) == pytest.approx(2 * sum(huber(a - b) for a, b in zip(ds, dt)) / 9, rel=1e-5)
+    assert float(rkd_angle_loss(s, t)) == pytest.approx(2 * sum(huber(a - b) for a, b in zip(cs, ct)) / 27, rel=1e-5)
 
 
 def _rkd_total(term: RKDLoss, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -464,8 +463,12 @@ def test_engine_weighted_sum_and_logs() -> None:
         loss={
             "kd": {"weight": weights["kd"], "temperature": 3.0},
             "rkd": {"weight": weights["rkd"], "distance_weight": 25.0, "angle_weight": 50.0},
-            "hint": {"name": "fitnet", "weight": weights["hint"], "student_layers": "layer2",
-                     "teacher_layers": "layer2"},
+            "hint": {
+                "name": "fitnet",
+                "weight": weights["hint"],
+                "student_layers": "layer2",
+                "teacher_layers": "layer2",
+            },
         },
         teacher=nn.Linear(2, 2),
     )

@@ -111,3 +111,10 @@ def test_non_finite_loss_names_term_and_step() -> None:
     module = DistillationModule(tiny(), NaNTeacher(), loss="kd")
     with pytest.raises(NonFiniteLossError, match=r"loss term 'kd' is nan at step 0"):
         fast_trainer(max_steps=1).fit(module, make_loader())
+
+
+def test_task_weight_defaults_to_zero_when_a_term_replaces_the_label_loss() -> None:
+    assert DistillationModule(tiny(), tiny(), loss="kd").task_weight == 1.0
+    assert DistillationModule(tiny(), tiny(), loss="pld").task_weight == 0.0  # PLD contains the label term
+    assert DistillationModule(tiny(), tiny(), loss="simkd").task_weight == 0.0  # SimKD trains without CE
+    assert DistillationModule(tiny(), tiny(), loss="pld", task_weight=0.5).task_weight == 0.5  # explicit wins

@@ -10,11 +10,10 @@ import os
 import socket
 import tempfile
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen, make_loader, tiny
+from conftest import fast_trainer, gen, make_loader, tiny
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -351,14 +350,7 @@ def test_timm_resnet_pair_through_lightning() -> None:
     module = lightning_kd.DistillationModule(student, teacher, loss=["kd", "nd"], task_weight=1.0)
     n = 10  # one batch holding every class once
     x, y = torch.randn(n, 3, 32, 32), torch.arange(n) % 10
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = fast_trainer(max_steps=1)
     trainer.fit(module, DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=10))
     metrics = trainer.callback_metrics
     assert "train/nd" in metrics and "train/kd" in metrics

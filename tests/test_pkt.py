@@ -33,8 +33,10 @@ def _hand_pkt(s: list[list[float]], t: list[list[float]]) -> float:
 
     def probs(x: list[list[float]]) -> list[list[float]]:
         norms = [math.sqrt(sum(v * v for v in row)) for row in x]
-        k = [[(sum(a * b for a, b in zip(xi, xj)) / (ni * nj) + 1) / 2 for xj, nj in zip(x, norms)]
-             for xi, ni in zip(x, norms)]
+        k = [
+            [(sum(a * b for a, b in zip(xi, xj)) / (ni * nj) + 1) / 2 for xj, nj in zip(x, norms)]
+            for xi, ni in zip(x, norms)
+        ]
         return [[v / sum(row) for v in row] for row in k]
 
     ps, pt = probs(s), probs(t)

@@ -10,13 +10,11 @@ import inspect
 import itertools
 import math
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen
+from conftest import fast_trainer, gen, random_data
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
@@ -255,18 +253,10 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="pld", task_weight=0.0)
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
     before = [p.detach().clone() for p in student.parameters()]
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "train/pld" in metrics
     assert math.isfinite(float(metrics["train/pld"])) and float(metrics["train/pld"]) > 0

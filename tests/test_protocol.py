@@ -62,8 +62,10 @@ class ProtocolProbe(LossTerm):
         self.step_log.append(batch.step)
         # the teacher's classifier applied to the teacher embedding gives the teacher's logits
         torch.testing.assert_close(
-            batch.teacher[self.tap] @ self.teacher_head.t() + self.teacher_bias, batch.teacher.logits,
-            rtol=1e-4, atol=1e-4,
+            batch.teacher[self.tap] @ self.teacher_head.t() + self.teacher_bias,
+            batch.teacher.logits,
+            rtol=1e-4,
+            atol=1e-4,
         )
         target_means = self.class_means[batch.targets]
         return 1 - F.cosine_similarity(self.connector(batch.student[self.tap]), target_means).mean()
@@ -80,8 +82,9 @@ def _check(term: ProtocolProbe, epochs: int, batches_per_epoch: int) -> None:
 def test_protocol_through_the_module(tmp_path) -> None:
     term = ProtocolProbe()
     module = DistillationModule(tiny(), tiny(seed=1), loss={"probe": term})
-    trainer = fast_trainer(max_epochs=2, enable_checkpointing=True,
-                           callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")])
+    trainer = fast_trainer(
+        max_epochs=2, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")]
+    )
     trainer.fit(module, make_loader(n=N))
     _check(term, epochs=2, batches_per_epoch=N // 8)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]

@@ -100,8 +100,9 @@ def test_unknown_loss_exits_nonzero_with_names(tmp_path) -> None:
 def test_end_to_end_on_digits_then_resume_and_reuse(tmp_path) -> None:
     # 1. cold: trains and stores the teacher, distils, trains the baseline
     run_dir = tmp_path / "run"
-    proc = run_app(*TINY, "model=resnet18", "teacher=resnet18", "baseline=true", f"hydra.run.dir={run_dir}",
-                   cwd=tmp_path)
+    proc = run_app(
+        *TINY, "model=resnet18", "teacher=resnet18", "baseline=true", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     for key in ("teacher_acc", "student_acc", "agreement", "wall_s", "baseline_acc"):
@@ -121,10 +122,20 @@ def test_end_to_end_on_digits_then_resume_and_reuse(tmp_path) -> None:
     killed_dir = tmp_path / "killed"
     killed_last = killed_dir / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lightning_kd.run", *TINY, "model=resnet18", "teacher=resnet18",
-         "trainer.max_epochs=200", f"hydra.run.dir={killed_dir}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "lightning_kd.run",
+            *TINY,
+            "model=resnet18",
+            "teacher=resnet18",
+            "trainer.max_epochs=200",
+            f"hydra.run.dir={killed_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         writes, last_mtime, deadline = 0, None, time.monotonic() + 300
@@ -142,8 +153,15 @@ def test_end_to_end_on_digits_then_resume_and_reuse(tmp_path) -> None:
 
     # ... and ckpt_path=<last> resumes it, reusing the stored teacher
     resume_dir = tmp_path / "resume"
-    proc = run_app(*TINY, "model=resnet18", "teacher=resnet18", f"trainer.max_epochs={interrupted['epoch'] + 2}",
-                   f"ckpt_path={killed_last}", f"hydra.run.dir={resume_dir}", cwd=tmp_path)
+    proc = run_app(
+        *TINY,
+        "model=resnet18",
+        "teacher=resnet18",
+        f"trainer.max_epochs={interrupted['epoch'] + 2}",
+        f"ckpt_path={killed_last}",
+        f"hydra.run.dir={resume_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] > interrupted["epoch"] and resumed["global_step"] > interrupted["global_step"]
@@ -151,8 +169,15 @@ def test_end_to_end_on_digits_then_resume_and_reuse(tmp_path) -> None:
 
     # 3. another loss on the stored teacher, student stage only
     rkd_dir = tmp_path / "rkd"
-    proc = run_app(*TINY, "loss=rkd", "model=resnet18", "teacher=resnet18", "stage=student",
-                   f"hydra.run.dir={rkd_dir}", cwd=tmp_path)
+    proc = run_app(
+        *TINY,
+        "loss=rkd",
+        "model=resnet18",
+        "teacher=resnet18",
+        "stage=student",
+        f"hydra.run.dir={rkd_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((rkd_dir / "results.json").read_text())["student_acc"] > 0.3
 
@@ -168,19 +193,37 @@ def test_stage_student_without_teacher_fails_clearly(tmp_path) -> None:
 def test_configs_found_from_installed_wheel(tmp_path) -> None:
     """Build the wheel, install it into a fresh venv, and run the app from outside the repository."""
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     wheel = next(dist.glob("lightning_kd-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
-                   capture_output=True, timeout=600)
-    where = subprocess.run([python, "-c", "import lightning_kd.config as c; print(c.CONF_DIR)"], cwd=tmp_path,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=600
+    )
+    where = subprocess.run(
+        [python, "-c", "import lightning_kd.config as c; print(c.CONF_DIR)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where.startswith(str(venv)) and where.endswith("lightning_kd/conf"), where
-    proc = run_app("data=synthetic", "data.num_samples=120", "stage=teacher", "teacher=resnet10t",
-                   "trainer.max_epochs=1", "progress_bar=none", f"hydra.run.dir={tmp_path / 'r'}",
-                   cwd=tmp_path, python=python)
+    proc = run_app(
+        "data=synthetic",
+        "data.num_samples=120",
+        "stage=teacher",
+        "teacher=resnet10t",
+        "trainer.max_epochs=1",
+        "progress_bar=none",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+        python=python,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "teacher_acc" in json.loads((tmp_path / "r" / "results.json").read_text())

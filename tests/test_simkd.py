@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import fast_trainer, gen, make_loader, tiny
+from conftest import GapNet, fast_trainer, gen, make_loader, tiny
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -18,24 +18,6 @@ from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext
 from lightning_kd.losses.simkd import SimKDLoss, align_spatial, simkd_projector
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-class GapNet(nn.Module):
-    """conv → ReLU → global average pool → linear, with timm's get_classifier()."""
-
-    def __init__(self, width: int, classes: int = 3, pool: str = "avg") -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(width, classes)
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        pooled = f.mean((2, 3)) if self.pool == "avg" else f.amax((2, 3))
-        return self.fc(pooled)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
 
 def setup_term(term: SimKDLoss, student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> SetupContext:
@@ -93,8 +75,8 @@ def test_projector_is_the_authors_bottleneck() -> None:
 def test_perfectly_aligned_features_reproduce_the_teacher() -> None:
     """The paper's point: with aligned features the student predicts exactly as the teacher."""
     torch.manual_seed(0)
-    teacher = GapNet(6).eval()
-    student = GapNet(6).eval()
+    teacher = GapNet(6, classes=3, seed=1).eval()
+    student = GapNet(6, classes=3, seed=2).eval()
     student.features.load_state_dict(teacher.features.state_dict())
     x = torch.randn(4, 3, 5, 5, generator=gen(1))
     term = SimKDLoss(student_layer="features", teacher_layer="features")
@@ -109,7 +91,7 @@ def test_perfectly_aligned_features_reproduce_the_teacher() -> None:
 
 def test_teacher_classifier_is_a_frozen_copy_and_gradients_reach_projector_and_student() -> None:
     torch.manual_seed(0)
-    teacher, student = GapNet(8), GapNet(4)
+    teacher, student = GapNet(8, classes=3, seed=1), GapNet(4, classes=3, seed=2)
     x = torch.randn(3, 3, 6, 6, generator=gen(2))
     term = SimKDLoss(student_layer="features", teacher_layer="features")
     setup_term(term, student, teacher, x)
@@ -131,7 +113,7 @@ def test_teacher_classifier_is_a_frozen_copy_and_gradients_reach_projector_and_s
 
 def test_bf16_inputs_give_a_float32_loss() -> None:
     torch.manual_seed(0)
-    teacher, student = GapNet(8), GapNet(4)
+    teacher, student = GapNet(8, classes=3, seed=1), GapNet(4, classes=3, seed=2)
     x = torch.randn(3, 3, 4, 4, generator=gen(3))
     term = SimKDLoss(student_layer="features", teacher_layer="features")
     setup_term(term, student, teacher, x)
@@ -152,14 +134,19 @@ def test_errors_name_the_problem() -> None:
         SimKDLoss(factor=0)
     # a max-pooling head is not "classifier(avgpool(map))"
     with pytest.raises(ValueError, match="average-pooled"):
-        setup_term(SimKDLoss(student_layer="features", teacher_layer="features"), GapNet(4), GapNet(6, pool="max"), x)
+        setup_term(
+            SimKDLoss(student_layer="features", teacher_layer="features"),
+            GapNet(4, classes=3),
+            GapNet(6, classes=3, pool="max"),
+            x,
+        )
     # vectors instead of maps
     term = SimKDLoss(student_layer="emb", teacher_layer="emb")
     ctx = SetupContext(
         ModelOutputs(torch.zeros(2, 3), {term.student_tap: torch.zeros(2, 8)}),
         ModelOutputs(torch.zeros(2, 3), {term.teacher_tap: torch.zeros(2, 8)}),
-        GapNet(4),
-        GapNet(8),
+        GapNet(4, classes=3),
+        GapNet(8, classes=3),
         3,
     )
     with pytest.raises(ValueError, match=r"feature maps \[B, C, H, W\]"):
@@ -170,7 +157,7 @@ def test_errors_name_the_problem() -> None:
     ctx = SetupContext(
         ModelOutputs(torch.zeros(2, 3), {term.student_tap: torch.zeros(2, 4, 4, 4)}),
         ModelOutputs(no_head(x), {term.teacher_tap: no_head[0](x)}),
-        GapNet(4),
+        GapNet(4, classes=3),
         no_head,
         3,
     )

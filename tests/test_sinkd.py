@@ -11,14 +11,13 @@ import inspect
 import itertools
 import math
 
-import lightning
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import fast_trainer, random_data
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
@@ -295,17 +294,9 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet18", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="sinkd")
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    data = random_data(n=8, size=16)
+    trainer = fast_trainer(max_steps=2)
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "train/sinkd" in metrics
     assert math.isfinite(float(metrics["train/sinkd"])) and float(metrics["train/sinkd"]) > 0

@@ -7,15 +7,13 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import gen, layer_batch, total
+from conftest import fast_trainer, gen, layer_batch, random_data, total
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from torchdistill.losses.mid_level import FSPLoss as TDFSPLoss
 
 import lightning_kd
@@ -366,17 +364,9 @@ def test_timm_resnet_pair_through_lightning() -> None:
     student = timm.create_model("resnet18", num_classes=10)
     teacher = timm.create_model("resnet34", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="skt")
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert "train/skt" in metrics and math.isfinite(float(metrics["train/skt"])) and float(metrics["train/skt"]) > 0
     parts = sorted(k for k in metrics if k.startswith("train/skt/"))

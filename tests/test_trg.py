@@ -9,14 +9,12 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen, total
+from conftest import fast_trainer, gen, random_data, total
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
@@ -451,17 +449,9 @@ def test_yaml_builds_the_term_with_its_values() -> None:
 # ----------------------------------------------------------------------------------------------- Lightning
 def _fit(student: nn.Module, teacher: nn.Module, loss) -> dict:
     module = lightning_kd.DistillationModule(student, teacher, loss=loss)
-    n = 8
-    data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=4))
+    data = random_data(n=8, size=32)
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(module, data)
     return trainer.callback_metrics
 
 

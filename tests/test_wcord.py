@@ -11,19 +11,18 @@ import itertools
 import math
 import warnings
 
-import lightning
 import pytest
 import timm
 import torch
-from conftest import gen, total
+from conftest import fast_trainer, gen, random_data, total
 from omegaconf import OmegaConf
+from test_crd import batch_for, dot, identity_heads, unit
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
-from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
+from lightning_kd.losses import ModelOutputs, SetupContext, create_loss
 from lightning_kd.losses.memory import Embed
 from lightning_kd.losses.wcord import WCoRDLoss, coupling, critic_gradient_penalty, ot_loss
 
@@ -48,32 +47,6 @@ def make_term(s_dim: int = 6, t_dim: int = 10, n: int = 40, seed: int = 0, **kwa
     torch.manual_seed(seed)
     term.setup(ctx_for(term, (2, s_dim), (2, t_dim), n))
     return term
-
-
-def batch_for(term, s: torch.Tensor, t: torch.Tensor, indices, targets=None) -> DistillBatch:
-    b = len(s)
-    return DistillBatch(
-        ModelOutputs(torch.zeros(b, 3), {term.student_tap: s}),
-        ModelOutputs(torch.zeros(b, 3), {term.teacher_tap: t}),
-        targets=targets,
-        indices=indices,
-    )
-
-
-def identity_heads(term) -> None:
-    with torch.no_grad():
-        for head in (term.embed_s, term.embed_t):
-            head.linear.weight.copy_(torch.eye(head.linear.weight.shape[0], head.linear.weight.shape[1]))
-            head.linear.bias.zero_()
-
-
-def unit(v: list[float]) -> list[float]:
-    n = math.sqrt(sum(x * x for x in v))
-    return [x / n for x in v]
-
-
-def dot(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------------------------------- hand-worked
@@ -300,18 +273,11 @@ def test_timm_resnet_pair_through_lightning() -> None:
     teacher = timm.create_model("resnet18", num_classes=10)
     module = lightning_kd.DistillationModule(student, teacher, loss="wcord")
     n = 16
-    data = TensorDataset(torch.randn(n, 3, 16, 16), torch.arange(n) % 10, torch.arange(n))
-    trainer = lightning.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    data = random_data(n=n, size=16)
+    trainer = fast_trainer(max_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(data, batch_size=4))
+        trainer.fit(module, data)
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/wcord"])) and float(metrics["train/wcord"]) > 0
     parts = sorted(k for k in metrics if k.startswith("train/wcord/"))

@@ -112,6 +112,9 @@ class LossTerm(nn.Module):
 
     #: set ``True`` to receive :meth:`prepare` with a pass of the teacher over the training data before fitting.
     needs_prepare: ClassVar[bool] = False
+    #: set ``True`` when the term already contains the label loss (PLD) or the method trains without it (SimKD): the
+    #: module wrapper's ``task_weight`` then defaults to 0.
+    replaces_task_loss: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()

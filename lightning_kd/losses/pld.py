@@ -140,6 +140,8 @@ class PLDLoss(LossTerm):
             CIFAR-100 runs used 4.0.
     """
 
+    replaces_task_loss = True
+
     def __init__(self, weight: float = 1.0, temperature: float = 1.0) -> None:
         super().__init__(weight)
         self.temperature = check_temperature("pld", temperature)

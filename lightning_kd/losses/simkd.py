@@ -107,6 +107,8 @@ class SimKDLoss(LossTerm):
         factor: bottleneck reduction of the projector (authors: 2).
     """
 
+    replaces_task_loss = True
+
     def __init__(
         self,
         weight: float = 1.0,
