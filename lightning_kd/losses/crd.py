@@ -45,9 +45,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
-from lightning_kd.losses.memory import ContrastMemory, Embed, all_reduce_mean, build_memory, check_contrast_args
-from lightning_kd.taps import TapSpec
+from lightning_kd.losses.base import register_loss
+from lightning_kd.losses.memory import MemoryBankTerm, all_reduce_mean
 
 EPS = 1e-7
 
@@ -70,7 +69,7 @@ def nce_loss(probs: torch.Tensor, num_samples: int, eps: float = EPS) -> torch.T
 
 
 @register_loss("crd")
-class CRDLoss(LossTerm):
+class CRDLoss(MemoryBankTerm):
     """CRD: NCE between student and teacher embeddings with memory-bank negatives, in both directions.
 
     Args:
@@ -99,73 +98,24 @@ class CRDLoss(LossTerm):
         student_layer: str = "embedding",
         teacher_layer: str = "embedding",
     ) -> None:
-        super().__init__(weight)
-        check_contrast_args("crd", feat_dim, nce_k, nce_m, negatives)
-        self.feat_dim = feat_dim
-        self.nce_k = nce_k
-        self.nce_t = check_temperature("crd", nce_t)
-        self.nce_m = float(nce_m)
-        self.negatives = negatives
-        self.student_tap = TapSpec.parse(student_layer)
-        self.teacher_tap = TapSpec.parse(teacher_layer)
-        self.student_taps = [self.student_tap]
-        self.teacher_taps = [self.teacher_tap]
-        self.embed_s: Embed | None = None
-        self.embed_t: Embed | None = None
-        self.memory: ContrastMemory | None = None
+        super().__init__(weight, feat_dim, nce_k, nce_t, nce_m, negatives, student_layer, teacher_layer)
         # Z of the student-anchor and teacher-anchor scores (RepDistiller's Z_v1, Z_v2); -1 = not estimated yet
         self.register_buffer("normalizers", torch.full((2,), -1.0))
 
-    def setup(self, ctx: SetupContext) -> None:
-        if self.memory is not None:  # already built (e.g. restored)
-            return
-        self.embed_s, self.embed_t, self.memory = build_memory(
-            "crd", ctx, self.student_tap, self.teacher_tap, self.feat_dim, self.nce_k, self.nce_m, self.negatives
-        )
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
         self.normalizers = self.normalizers.to(ctx.student[self.student_tap].device)
 
-    def contrast(
-        self,
-        f_s: torch.Tensor,
-        f_t: torch.Tensor,
-        indices: torch.Tensor | None,
-        targets: torch.Tensor | None = None,
-        contrast_idx: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The two NCE losses for features ``f_s``, ``f_t`` of the samples ``indices``, then the bank update.
-
-        ``contrast_idx`` (``[B, K+1]``, column 0 = ``indices``) replaces the drawn negatives (tests, parity).
-        """
-        if self.memory is None or self.embed_s is None or self.embed_t is None:
-            raise RuntimeError("crd: setup() was not called, so the heads and memory banks do not exist yet")
-        indices = self.memory.check_indices(indices, "crd")
-        s = self.embed_s(f_s)
-        t = self.embed_t(f_t.detach())  # the teacher feature never gets a gradient (its head does)
-        if contrast_idx is None:
-            contrast_idx = self.memory.draw(indices, targets)
-        w_s, w_t = self.memory.rows(contrast_idx.long())
-        with torch.autocast(device_type=s.device.type, enabled=False):
-            out_s = contrast_scores(s, w_t, self.nce_t)  # student anchor vs teacher bank
-            out_t = contrast_scores(t, w_s, self.nce_t)  # teacher anchor vs student bank
-            if bool((self.normalizers < 0).any()):
-                estimate = torch.stack([out_s.detach().mean(), out_t.detach().mean()]) * self.memory.num_samples
-                estimate = all_reduce_mean(estimate)
-                self.normalizers.copy_(torch.where(self.normalizers < 0, estimate, self.normalizers))
-            n = self.memory.num_samples
-            parts = {
-                "student_anchor": nce_loss(out_s / self.normalizers[0], n),
-                "teacher_anchor": nce_loss(out_t / self.normalizers[1], n),
-            }
-        self.memory.update(indices, s.detach(), t.detach(), targets)
-        return parts
-
-    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        return self.contrast(
-            batch.student[self.student_tap], batch.teacher[self.teacher_tap], batch.indices, batch.targets
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"weight={self.weight}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
-            f"nce_m={self.nce_m}, negatives={self.negatives!r}, student={self.student_tap}, teacher={self.teacher_tap}"
-        )
+    def contrast_parts(self, f_s, f_t, s, t, w_s, w_t) -> dict[str, torch.Tensor]:
+        """The two NCE losses (student anchor vs the teacher bank, teacher anchor vs the student bank); Z is
+        estimated on the first batch (averaged over ranks) and then kept."""
+        out_s = contrast_scores(s, w_t, self.nce_t)
+        out_t = contrast_scores(t, w_s, self.nce_t)
+        n = self.memory.num_samples
+        if bool((self.normalizers < 0).any()):
+            estimate = all_reduce_mean(torch.stack([out_s.detach().mean(), out_t.detach().mean()]) * n)
+            self.normalizers.copy_(torch.where(self.normalizers < 0, estimate, self.normalizers))
+        return {
+            "student_anchor": nce_loss(out_s / self.normalizers[0], n),
+            "teacher_anchor": nce_loss(out_t / self.normalizers[1], n),
+        }

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
 
-from lightning_kd.losses.base import SetupContext
+from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature
 from lightning_kd.losses.connectors import make_connector
 from lightning_kd.taps import TapSpec
 
@@ -340,3 +340,118 @@ def build_memory(
     embed_t = Embed(flat_dim(f_t), feat_dim, where=f"{term} teacher head ({teacher_tap})").to(device)
     memory = ContrastMemory(n, feat_dim, k, nce_m, negatives).to(device)
     return embed_s, embed_t, memory
+
+
+class MemoryBankTerm(LossTerm):
+    """Base of the memory-bank contrastive terms (``crd``, ``wcord``): the student/teacher heads and the banks built
+    in :meth:`setup` from the probe shapes, negatives drawn for each anchor, the bank update after each step.
+
+    A subclass implements :meth:`contrast_parts` (its losses from the embeddings and the drawn bank rows).
+
+    Args:
+        weight: weight of the term.
+        feat_dim: width of the contrast embeddings.
+        nce_k: negatives per anchor (capped at ``N − 1``).
+        nce_t: temperature τ of the scores.
+        nce_m: momentum of the memory-bank update.
+        negatives: ``"other_class"`` (needs integer targets) or ``"instance"``.
+        student_layer: student tap (flattened).
+        teacher_layer: teacher tap (flattened).
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        feat_dim: int,
+        nce_k: int,
+        nce_t: float,
+        nce_m: float,
+        negatives: str,
+        student_layer: str,
+        teacher_layer: str,
+    ) -> None:
+        super().__init__(weight)
+        name = self.term_name
+        check_contrast_args(name, feat_dim, nce_k, nce_m, negatives)
+        self.feat_dim = feat_dim
+        self.nce_k = nce_k
+        self.nce_t = check_temperature(name, nce_t)
+        self.nce_m = float(nce_m)
+        self.negatives = negatives
+        self.student_tap = TapSpec.parse(student_layer)
+        self.teacher_tap = TapSpec.parse(teacher_layer)
+        self.student_taps = [self.student_tap]
+        self.teacher_taps = [self.teacher_tap]
+        self.embed_s: Embed | None = None
+        self.embed_t: Embed | None = None
+        self.memory: ContrastMemory | None = None
+
+    @property
+    def term_name(self) -> str:
+        """The registry name (for messages)."""
+        return getattr(type(self), "registry_name", type(self).__name__)
+
+    def setup(self, ctx: SetupContext) -> None:
+        if self.memory is not None:  # already built (e.g. restored)
+            return
+        self.embed_s, self.embed_t, self.memory = build_memory(
+            self.term_name,
+            ctx,
+            self.student_tap,
+            self.teacher_tap,
+            self.feat_dim,
+            self.nce_k,
+            self.nce_m,
+            self.negatives,
+        )
+
+    def contrast_parts(
+        self,
+        f_s: torch.Tensor,
+        f_t: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        w_s: torch.Tensor,
+        w_t: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The term's losses (float32, autocast off) from the features ``f_s``/``f_t``, their embeddings ``s``/``t``
+        ``[B, d]`` and the drawn bank rows ``w_s``/``w_t`` ``[B, K+1, d]`` (column 0 = the sample itself)."""
+        raise NotImplementedError
+
+    def contrast(
+        self,
+        f_s: torch.Tensor,
+        f_t: torch.Tensor,
+        indices: torch.Tensor | None,
+        targets: torch.Tensor | None = None,
+        contrast_idx: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The losses for features ``f_s``, ``f_t`` of the samples ``indices``, then the bank update.
+
+        ``contrast_idx`` (``[B, K+1]``, column 0 = ``indices``) replaces the drawn negatives (tests, parity).
+        """
+        if self.memory is None or self.embed_s is None or self.embed_t is None:
+            raise RuntimeError(
+                f"{self.term_name}: setup() was not called, so the heads and memory banks do not exist yet"
+            )
+        indices = self.memory.check_indices(indices, self.term_name)
+        s = self.embed_s(f_s)
+        t = self.embed_t(f_t.detach())  # the teacher feature never gets a gradient (its head does)
+        if contrast_idx is None:
+            contrast_idx = self.memory.draw(indices, targets)
+        w_s, w_t = self.memory.rows(contrast_idx.long())
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            parts = self.contrast_parts(f_s, f_t, s, t, w_s, w_t)
+        self.memory.update(indices, s.detach(), t.detach(), targets)
+        return parts
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
+        return self.contrast(
+            batch.student[self.student_tap], batch.teacher[self.teacher_tap], batch.indices, batch.targets
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
+            f"nce_m={self.nce_m}, negatives={self.negatives!r}, student={self.student_tap}, teacher={self.teacher_tap}"
+        )

@@ -62,10 +62,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
-from lightning_kd.losses.memory import ContrastMemory, Embed, build_memory, check_contrast_args
+from lightning_kd.losses.base import register_loss
+from lightning_kd.losses.memory import Embed, MemoryBankTerm
 from lightning_kd.losses.sinkd import sinkhorn_plan
-from lightning_kd.taps import TapSpec
 
 
 def infonce_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -113,7 +112,7 @@ def critic_gradient_penalty(
 
 
 @register_loss("wcord")
-class WCoRDLoss(LossTerm):
+class WCoRDLoss(MemoryBankTerm):
     """WCoRD: global contrastive term with a Lipschitz critic and memory-bank negatives + local batch OT.
 
     Args:
@@ -150,8 +149,7 @@ class WCoRDLoss(LossTerm):
         student_layer: str = "embedding",
         teacher_layer: str = "embedding",
     ) -> None:
-        super().__init__(weight)
-        check_contrast_args("wcord", feat_dim, nce_k, nce_m, negatives)
+        super().__init__(weight, feat_dim, nce_k, nce_t, nce_m, negatives, student_layer, teacher_layer)
         for name, value in (
             ("global_weight", global_weight),
             ("local_weight", local_weight),
@@ -161,79 +159,35 @@ class WCoRDLoss(LossTerm):
                 raise ValueError(f"wcord: {name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(sinkhorn_iters, int) and sinkhorn_iters >= 1):
             raise ValueError(f"wcord: sinkhorn_iters must be an integer >= 1, got {sinkhorn_iters!r}")
+        if not (isinstance(sinkhorn_eps, (int, float)) and math.isfinite(sinkhorn_eps) and sinkhorn_eps > 0):
+            raise ValueError(f"wcord: sinkhorn_eps must be a finite number > 0, got {sinkhorn_eps!r}")
         self.global_weight = float(global_weight)
         self.local_weight = float(local_weight)
         self.lipschitz_weight = float(lipschitz_weight)
-        self.feat_dim = feat_dim
-        self.nce_k = nce_k
-        self.nce_t = check_temperature("wcord", nce_t)
-        self.nce_m = float(nce_m)
-        self.negatives = negatives
-        if not (isinstance(sinkhorn_eps, (int, float)) and math.isfinite(sinkhorn_eps) and sinkhorn_eps > 0):
-            raise ValueError(f"wcord: sinkhorn_eps must be a finite number > 0, got {sinkhorn_eps!r}")
         self.sinkhorn_eps = float(sinkhorn_eps)
         self.sinkhorn_iters = sinkhorn_iters
-        self.student_tap = TapSpec.parse(student_layer)
-        self.teacher_tap = TapSpec.parse(teacher_layer)
-        self.student_taps = [self.student_tap]
-        self.teacher_taps = [self.teacher_tap]
-        self.embed_s: Embed | None = None
-        self.embed_t: Embed | None = None
-        self.memory: ContrastMemory | None = None
 
-    def setup(self, ctx: SetupContext) -> None:
-        if self.memory is not None:  # already built (e.g. restored)
-            return
-        self.embed_s, self.embed_t, self.memory = build_memory(
-            "wcord", ctx, self.student_tap, self.teacher_tap, self.feat_dim, self.nce_k, self.nce_m, self.negatives
-        )
-
-    def contrast(
-        self,
-        f_s: torch.Tensor,
-        f_t: torch.Tensor,
-        indices: torch.Tensor | None,
-        targets: torch.Tensor | None = None,
-        contrast_idx: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The weighted parts for features ``f_s``, ``f_t`` of the samples ``indices``, then the bank update.
-
-        ``contrast_idx`` (``[B, K+1]``, column 0 = ``indices``) replaces the drawn negatives (tests).
-        """
-        if self.memory is None or self.embed_s is None or self.embed_t is None:
-            raise RuntimeError("wcord: setup() was not called, so the heads and memory banks do not exist yet")
-        indices = self.memory.check_indices(indices, "wcord")
+    def contrast_parts(self, f_s, f_t, s, t, w_s, w_t) -> dict[str, torch.Tensor]:
+        """Global InfoNCE in both directions, local batch OT and (optionally) the critic's gradient penalty."""
         if f_s.shape[0] < 2:
             raise ValueError("wcord needs at least 2 samples per batch (the local term matches batch distributions)")
-        s = self.embed_s(f_s)
-        t = self.embed_t(f_t.detach())  # the teacher feature never gets a gradient (its head does)
-        if contrast_idx is None:
-            contrast_idx = self.memory.draw(indices, targets)
-        w_s, w_t = self.memory.rows(contrast_idx.long())
-        parts: dict[str, torch.Tensor] = {}
-        with torch.autocast(device_type=s.device.type, enabled=False):
-            student_anchor = infonce_loss(bank_logits(s, w_t, self.nce_t))
-            teacher_anchor = infonce_loss(bank_logits(t, w_s, self.nce_t))
-            parts["global"] = self.global_weight * (student_anchor + teacher_anchor)
-            parts["local"] = self.local_weight * ot_loss(s, t.detach(), self.sinkhorn_eps, self.sinkhorn_iters)
-            if self.lipschitz_weight:
-                if torch.is_grad_enabled():
-                    penalty = critic_gradient_penalty(self.embed_s, self.embed_t, f_s, f_t, self.nce_t)
-                else:  # evaluation without autograd: nothing to constrain
-                    penalty = s.new_zeros(())
-                parts["lipschitz"] = self.lipschitz_weight * penalty
-        self.memory.update(indices, s.detach(), t.detach(), targets)
+        student_anchor = infonce_loss(bank_logits(s, w_t, self.nce_t))
+        teacher_anchor = infonce_loss(bank_logits(t, w_s, self.nce_t))
+        parts = {
+            "global": self.global_weight * (student_anchor + teacher_anchor),
+            "local": self.local_weight * ot_loss(s, t.detach(), self.sinkhorn_eps, self.sinkhorn_iters),
+        }
+        if self.lipschitz_weight:
+            if torch.is_grad_enabled():
+                penalty = critic_gradient_penalty(self.embed_s, self.embed_t, f_s, f_t, self.nce_t)
+            else:  # evaluation without autograd: nothing to constrain
+                penalty = s.new_zeros(())
+            parts["lipschitz"] = self.lipschitz_weight * penalty
         return parts
-
-    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        return self.contrast(
-            batch.student[self.student_tap], batch.teacher[self.teacher_tap], batch.indices, batch.targets
-        )
 
     def extra_repr(self) -> str:
         return (
-            f"weight={self.weight}, global_weight={self.global_weight}, local_weight={self.local_weight}, "
-            f"lipschitz_weight={self.lipschitz_weight}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, "
-            f"nce_t={self.nce_t}, nce_m={self.nce_m}, negatives={self.negatives!r}, "
-            f"sinkhorn_eps={self.sinkhorn_eps}, sinkhorn_iters={self.sinkhorn_iters}"
+            f"{super().extra_repr()}, global_weight={self.global_weight}, local_weight={self.local_weight}, "
+            f"lipschitz_weight={self.lipschitz_weight}, sinkhorn_eps={self.sinkhorn_eps}, "
+            f"sinkhorn_iters={self.sinkhorn_iters}"
         )
