@@ -72,6 +72,47 @@ class GapNet(torch.nn.Module):
         return self.fc
 
 
+class SmallCNN(torch.nn.Module):
+    """conv(3→8) · ReLU · conv(8→16, stride 2) · ReLU · global average pool · fc(16→classes); no BatchNorm, so a
+    batch of 2b samples and two accumulated batches of b give the same gradient."""
+
+    def __init__(self, classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+        )
+        self.fc = torch.nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class UserModule(L.LightningModule):
+    """A LightningModule written the way users write them, knowing nothing of distillation: its own
+    ``training_step`` (cross-entropy, ``self.log``) and ``configure_optimizers`` (SGD over ``self.parameters()``)."""
+
+    def __init__(self, net: torch.nn.Module | None = None, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = net if net is not None else SmallCNN()
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("user/ce", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def gen(seed: int) -> torch.Generator:
     """A seeded CPU generator."""
     return torch.Generator().manual_seed(seed)
