@@ -323,7 +323,14 @@ class DistillEngine(nn.Module):
                 )
             logs[f"{self.log_prefix}{name}"] = value.detach()
             total = total + term.weight * value.float()
+        logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits)
         return total, logs
+
+
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Fraction of samples whose top-1 class is the same for student and teacher (no gradient)."""
+    with torch.no_grad():
+        return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
 
 
 def check_finite_task_loss(value: torch.Tensor, name: str, step: int) -> None:
@@ -339,6 +346,7 @@ __all__ = [
     "ClassCountMismatchError",
     "DistillEngine",
     "NonFiniteLossError",
+    "agreement",
     "as_logits",
     "build_terms",
     "eval_mode",

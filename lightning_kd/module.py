@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.engine import DistillEngine, LossSpec, check_finite_task_loss, unpack_batch
+from lightning_kd.engine import DistillEngine, LossSpec, agreement, check_finite_task_loss, unpack_batch
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
@@ -181,5 +181,4 @@ class DistillationModule(ClassifierModule):
         inputs = unpack_batch(batch)[0]
         logits = self._evaluate(batch, "test")
         teacher = self.engine.run_teacher(inputs, with_features=False).logits
-        agreement = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
-        self.log("test/agreement", agreement, sync_dist=True)
+        self.log("test/agreement", agreement(logits, teacher), sync_dist=True)

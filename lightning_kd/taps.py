@@ -132,7 +132,29 @@ def resolve(model: nn.Module, spec: str | TapSpec) -> TapSpec:
             raise TapError(f"tap {spec.path!r}: expected 'stage:<int>', e.g. 'stage:-1'") from None
         spec = TapSpec(feature_stage_path(model, index), spec.io)
     get_module(model, spec.path)
+    check_not_compiled(model, spec.path)
     return spec
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    return compiled is not None and isinstance(module, compiled.OptimizedModule)
+
+
+def check_not_compiled(model: nn.Module, path: str) -> None:
+    """Raise :class:`TapError` when the module at ``path`` is, or sits inside, a ``torch.compile``'d module: forward
+    hooks inside a compiled graph do not run as eager hooks (graph breaks or stale captures), so taps are refused."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        module = model.get_submodule(prefix) if prefix else model
+        if _is_compiled(module):
+            where = f"'{prefix}'" if prefix else f"the model ({type(model).__name__})"
+            raise TapError(
+                f"cannot tap '{path}': {where} is a torch.compile'd module, and layer taps (forward hooks) are not "
+                "supported inside compiled graphs. Distil the eager model and compile it afterwards, or compile only "
+                "submodules that no tap reads (taps need the classifier for 'logits'/'embedding')."
+            )
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

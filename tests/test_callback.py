@@ -122,3 +122,24 @@ def test_callback_pickles_before_fit() -> None:
     cb = DistillCallback(teacher=tiny("resnet18", seed=3), loss=["kd", "rkd"])
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.loss == ["kd", "rkd"]
+
+
+def test_compiled_student_is_refused_with_a_clear_error() -> None:
+    from conftest import SmallCNN, UserModule
+
+    from lightning_kd.taps import TapError
+
+    model = UserModule(torch.compile(SmallCNN()))  # compilation is lazy: nothing is compiled by this test
+    cb = DistillCallback(teacher=SmallCNN(seed=1), loss="kd")
+    with pytest.raises(TapError, match=r"'net' is a torch.compile'd module"):
+        fast_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
+    assert "training_step" not in model.__dict__  # nothing left behind
+
+
+def test_agreement_is_logged_through_the_users_logger() -> None:
+    from conftest import SmallCNN, UserModule
+
+    trainer = fast_trainer(max_steps=2, callbacks=[DistillCallback(teacher=SmallCNN(seed=1), loss="kd")])
+    trainer.fit(UserModule(), make_loader())
+    value = float(trainer.callback_metrics["train/agreement"])
+    assert 0.0 <= value <= 1.0 and "user/ce" in trainer.callback_metrics

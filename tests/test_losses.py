@@ -476,7 +476,16 @@ def test_engine_weighted_sum_and_logs() -> None:
     batch = batch_of(s_logits, t_logits, {emb: s_emb, l2: s_map}, {emb: t_emb, l2: t_map}, step=3)
     total, logs = engine(batch)
 
-    assert set(logs) == {"train/kd", "train/rkd", "train/rkd/distance", "train/rkd/angle", "train/hint"}
+    assert set(logs) == {
+        "train/kd",
+        "train/rkd",
+        "train/rkd/distance",
+        "train/rkd/angle",
+        "train/hint",
+        "train/agreement",
+    }
+    expected_agreement = (batch.student.logits.argmax(-1) == batch.teacher.logits.argmax(-1)).float().mean()
+    assert float(logs.pop("train/agreement")) == float(expected_agreement)
     assert all(not v.requires_grad for v in logs.values())
     by_hand = sum(w * float(logs[f"train/{name}"]) for name, w in weights.items())
     assert float(total.detach()) == pytest.approx(by_hand, rel=1e-6)
@@ -499,7 +508,7 @@ def test_engine_weighted_sum_and_logs() -> None:
 def test_engine_log_prefix_and_custom_term() -> None:
     engine = DistillEngine(loss={"const": ConstantTerm(2.5, weight=4.0)}, teacher=nn.Linear(2, 2), log_prefix="val/")
     total, logs = engine(batch_of(torch.zeros(2, 3), torch.zeros(2, 3)))
-    assert set(logs) == {"val/const"} and float(logs["val/const"]) == 2.5
+    assert set(logs) == {"val/const", "val/agreement"} and float(logs["val/const"]) == 2.5
     assert float(total) == pytest.approx(10.0) and total.dtype == torch.float32
 
 
