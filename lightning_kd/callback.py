@@ -58,6 +58,8 @@ class DistillCallback(Callback):
         teacher_pretrained: load timm's pretrained weights for a teacher given by name (needs the hub).
         example_input: inputs used to probe layer shapes before fitting (default: the first training batch).
         name: a suffix that tells several DistillCallbacks apart in logs and state keys.
+        save_teacher: also store the teacher's weights in the callback's checkpoint state (off by default: the
+            teacher is not saved); on resume they are loaded back into the teacher.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class DistillCallback(Callback):
         teacher_pretrained: bool = False,
         example_input: torch.Tensor | None = None,
         name: str | None = None,
+        save_teacher: bool = False,
     ) -> None:
         if not isinstance(teacher, (nn.Module, str, os.PathLike)):
             raise TypeError(f"teacher must be an nn.Module, a checkpoint path or a timm name, got {type(teacher)}")
@@ -82,6 +85,7 @@ class DistillCallback(Callback):
         self.teacher_pretrained = teacher_pretrained
         self.example_input = example_input
         self.name = name
+        self.save_teacher = bool(save_teacher)
         self.engine: DistillEngine | None = None
         self._original_training_step: Callable[..., Any] | None = None
         self._max_steps = -1
@@ -97,6 +101,23 @@ class DistillCallback(Callback):
     @property
     def _log_prefix(self) -> str:
         return f"train/{self.name}/" if self.name else "train/"
+
+    # -- checkpoint state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The terms' trainable parts live in the module's state (``_lkd_engine.*``); the callback adds its identity
+        and, with ``save_teacher=True``, the teacher's weights."""
+        state: dict[str, Any] = {"name": self.name, "terms": list(self.engine.terms) if self.engine else None}
+        if self.save_teacher and self.engine is not None:
+            state["teacher"] = {k: v.detach().cpu() for k, v in self.engine.teacher.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        teacher_state = state_dict.get("teacher")
+        if teacher_state is None:
+            return
+        if self.engine is None:
+            raise RuntimeError("DistillCallback: cannot restore the saved teacher before setup() built the engine")
+        self.engine.teacher.load_state_dict(teacher_state)
 
     # -- teacher -----------------------------------------------------------------------------------------------------
     def _resolve_teacher(self, num_classes: int) -> nn.Module:

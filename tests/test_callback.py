@@ -143,3 +143,33 @@ def test_agreement_is_logged_through_the_users_logger() -> None:
     trainer.fit(UserModule(), make_loader())
     value = float(trainer.callback_metrics["train/agreement"])
     assert 0.0 <= value <= 1.0 and "user/ce" in trainer.callback_metrics
+
+
+def test_teacher_saved_only_when_asked(tmp_path) -> None:
+    from conftest import SmallCNN, UserModule
+
+    def run(save: bool):
+        teacher = SmallCNN(seed=1)
+        cb = DistillCallback(teacher=teacher, loss="kd", save_teacher=save)
+        trainer = fast_trainer(max_steps=1, callbacks=[cb])
+        trainer.fit(UserModule(), make_loader())
+        path = tmp_path / f"save-{save}.ckpt"
+        trainer.save_checkpoint(path)
+        return teacher, cb, torch.load(path, weights_only=True)
+
+    teacher, cb, ckpt = run(False)
+    assert "teacher" not in ckpt["callbacks"][cb.state_key]
+    assert not any("teacher" in k for k in ckpt["state_dict"])
+    # no saved tensor holds the teacher's weights (the student is a different random init)
+    assert not any(
+        v.shape == teacher.fc.weight.shape and torch.equal(v, teacher.fc.weight) for v in ckpt["state_dict"].values()
+    )
+    teacher, cb, ckpt = run(True)
+    state = ckpt["callbacks"][cb.state_key]["teacher"]
+    torch.testing.assert_close(state["fc.weight"], teacher.fc.weight.detach())
+    # restored into a fresh teacher on resume
+    fresh_teacher = SmallCNN(seed=5)
+    fresh = DistillCallback(teacher=fresh_teacher, loss="kd", save_teacher=True)
+    trainer = fast_trainer(max_steps=2, callbacks=[fresh])
+    trainer.fit(UserModule(), make_loader(), ckpt_path=tmp_path / "save-True.ckpt")
+    torch.testing.assert_close(fresh_teacher.fc.weight, teacher.fc.weight)
