@@ -4,7 +4,7 @@ One engine (:class:`DistillEngine`: layer taps + loss terms + a frozen teacher),
 :class:`DistillationModule` for a student and a teacher, :class:`DistillCallback` for an existing LightningModule.
 """
 
-from lightning_kd.callback import DistillCallback
+from lightning_kd.callback import DistillCallback, student_state_dict
 from lightning_kd.engine import DistillEngine, NonFiniteLossError, build_terms, unpack_batch
 from lightning_kd.losses import (
     DistillBatch,
@@ -39,5 +39,6 @@ __all__ = [
     "create_loss",
     "register_loss",
     "registered_losses",
+    "student_state_dict",
     "unpack_batch",
 ]

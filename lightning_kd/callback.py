@@ -17,6 +17,13 @@ autocast as the student:
    default, ``student_logits=``);
 3. return ``task_weight · user_loss + Σ weight_i · term_i`` in place of the user's loss.
 
+Because the sum is what ``training_step`` returns, Lightning treats it like the user's loss: the precision plugin
+scales it (``16-mixed``'s grad scaler), it is divided by ``accumulate_grad_batches``, DDP reduces its gradients once.
+
+Several callbacks: give each a distinct ``name`` (an error says so otherwise); each logs under ``train/<name>/`` and
+keeps its own state key. The wrappers nest; each callback's ``task_weight`` applies to the user's loss only (so the
+user's loss is scaled by the product of the ``task_weight``\ s), never to another callback's terms.
+
 Supported ``training_step`` returns: a loss tensor, or a dict with a ``"loss"`` key (the other keys are kept).
 Manual optimization is refused at ``setup``; a ``training_step`` that returns ``None`` is refused at its first step.
 
@@ -89,10 +96,11 @@ class DistillCallback(Callback):
         self.engine: DistillEngine | None = None
         self._original_training_step: Callable[..., Any] | None = None
         self._max_steps = -1
+        self._last_parts: tuple[torch.Tensor, torch.Tensor] | None = None  # (weighted user loss, terms) of this step
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name, loss=str(self.loss))
+        return self._generate_state_key(name=self.name)
 
     @property
     def _attr(self) -> str:
@@ -139,6 +147,14 @@ class DistillCallback(Callback):
             raise RuntimeError(
                 "DistillCallback supports automatic optimization only: with manual optimization the callback cannot "
                 "add its term to your loss. Call the engine yourself, or set automatic_optimization = True."
+            )
+        clash = [
+            c for c in trainer.callbacks if isinstance(c, DistillCallback) and c is not self and c._attr == self._attr
+        ]
+        if clash:
+            raise ValueError(
+                f"{len(clash) + 1} DistillCallbacks are named {self.name!r}: give each one a distinct name= (e.g. "
+                "DistillCallback(..., name='t1')) so that their engines, state keys and log names stay apart"
             )
         inputs = probe_inputs(trainer, pl_module, self.example_input)
         if self.engine is None:
@@ -205,6 +221,7 @@ class DistillCallback(Callback):
         def training_step(*args: Any, **kwargs: Any) -> Any:
             return self._distill_step(pl_module, original, *args, **kwargs)
 
+        training_step.__lkd_callback__ = self  # type: ignore[attr-defined] - lets an outer callback find this one
         pl_module.training_step = training_step  # type: ignore[method-assign]
 
     def _unwrap_training_step(self, pl_module: L.LightningModule) -> None:
@@ -240,8 +257,25 @@ class DistillCallback(Callback):
             student, teacher, targets, indices, trainer.global_step, trainer.current_epoch, self._max_steps
         )
         distill, logs = engine(step)
-        loss = self.task_weight * task + distill
+        terms = distill
+        inner = getattr(original, "__lkd_callback__", None)  # an earlier DistillCallback's wrapper
+        if inner is not None and inner._last_parts is not None:
+            # its loss is its weighted task part + its terms: this task_weight applies to the user's part only
+            task, inner_terms = inner._last_parts
+            inner._last_parts = None
+            terms = inner_terms + distill
+        self._last_parts = (self.task_weight * task, terms)
+        loss = self.task_weight * task + terms
         pl_module.log_dict({**logs, f"{self._log_prefix}distill": distill.detach()})
         if isinstance(output, Mapping):
             return {**output, "loss": loss}
         return loss
+
+
+def student_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of your module from a checkpoint written during a fit with :class:`DistillCallback`, without the
+    terms' trainable parts (the ``_lkd_engine*`` keys that ``ckpt_path=`` resume needs): what your module's
+    ``load_state_dict`` expects, e.g. ``MyModule().load_state_dict(student_state_dict(torch.load(path,
+    weights_only=True)))``. Accepts a checkpoint dict or a bare state_dict."""
+    state = checkpoint.get("state_dict", checkpoint)
+    return {k: v for k, v in state.items() if not k.startswith(_ATTR_PREFIX)}

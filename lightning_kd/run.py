@@ -6,7 +6,9 @@ the loss (``loss=``), the data (``data=``) and the Lightning trainer (``trainer.
 
 1. gets the teacher: its weights (``teacher.checkpoint`` / ``teacher.pretrained``), else a teacher trained earlier
    on the same data/seed/epochs (the teacher store), else trains one and stores it;
-2. distils it into the student (``stage=all`` or ``stage=student``; ``stage=teacher`` stops after step 1);
+2. distils it into the student (``stage=all`` or ``stage=student``; ``stage=teacher`` stops after step 1): the
+   student is a plain :class:`~lightning_kd.module.ClassifierModule` and the distillation is added by
+   :class:`~lightning_kd.callback.DistillCallback`, the same callback a user drops into their own project;
 3. optionally trains the student without distillation on the same seed (``baseline=true``);
 4. prints a table and writes ``results.json`` in the run directory (accuracies are fractions on the test split).
 """
@@ -28,9 +30,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_kd.callback import DistillCallback
 from lightning_kd.config import CONF_DIR, register_model_configs
 from lightning_kd.models import create_model
-from lightning_kd.module import ClassifierModule, DistillationModule
+from lightning_kd.module import ClassifierModule
 from lightning_kd.teacher_store import TeacherStore
 
 log = logging.getLogger("lightning_kd")
@@ -40,13 +43,14 @@ STAGES = ("all", "teacher", "student")
 # --------------------------------------------------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------------------------------------------------
-def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` with a CSV logger, a progress bar and atomic checkpoints."""
+def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool, extra: tuple[Any, ...] = ()) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` with a CSV logger, a progress bar, atomic checkpoints and the
+    ``extra`` callbacks."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    callbacks: list[Any] = []
+    callbacks: list[Any] = list(extra)
     if checkpoints:
         # last.ckpt is rewritten at every epoch end, atomically (Lightning saves through an fsspec transaction: a
         # temporary file, then moved), so an interrupted run resumes with ckpt_path=.../last.ckpt. One write per
@@ -73,16 +77,25 @@ def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool) -> L.Trai
     )
 
 
-def evaluate_accuracy(model: nn.Module, datamodule: L.LightningDataModule) -> float:
-    """Top-1 accuracy of ``model`` on the test split (plain loop, eval mode, no grad)."""
+def evaluate(model: nn.Module, datamodule: L.LightningDataModule, teacher: nn.Module | None = None) -> dict[str, float]:
+    """Top-1 accuracy of ``model`` on the test split (plain loop, eval mode, no grad) and, with a ``teacher``, the
+    teacher–student top-1 agreement."""
     device = next(model.parameters()).device
-    correct = total = 0
+    correct = agree = total = 0
     model.eval()
+    if teacher is not None:
+        teacher.eval().to(device)
     with torch.no_grad():
         for inputs, targets, *_ in datamodule.test_dataloader():
-            correct += int((model(inputs.to(device)).argmax(-1).cpu() == targets).sum())
+            logits = model(inputs.to(device))
+            correct += int((logits.argmax(-1).cpu() == targets).sum())
+            if teacher is not None:
+                agree += int((logits.argmax(-1) == teacher(inputs.to(device)).argmax(-1)).sum())
             total += len(targets)
-    return correct / max(total, 1)
+    out = {"acc": correct / max(total, 1)}
+    if teacher is not None:
+        out["agreement"] = agree / max(total, 1)
+    return out
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
@@ -189,28 +202,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "teacher": cfg.teacher.name,
         **report,
-        "teacher_acc": evaluate_accuracy(teacher, datamodule),
+        "teacher_acc": evaluate(teacher, datamodule)["acc"],
     }
     if cfg.stage != "teacher":
         L.seed_everything(cfg.seed, workers=True)
         student = build_model(cfg.model, datamodule.num_classes)
-        module = DistillationModule(
-            student,
-            teacher,
-            loss=cfg.loss.terms,
-            task_weight=cfg.loss.task_weight,
-            optimizer=instantiate(cfg.optimizer),
-            scheduler=cfg.scheduler,
-            label_smoothing=cfg.label_smoothing,
-        )
-        trainer = make_trainer(cfg, out_dir, checkpoints=True)
+        module = ClassifierModule(student, instantiate(cfg.optimizer), cfg.scheduler, cfg.label_smoothing)
+        distill = DistillCallback(teacher, loss=cfg.loss.terms, task_weight=cfg.loss.task_weight)
+        trainer = make_trainer(cfg, out_dir, checkpoints=True, extra=(distill,))
         trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-        metrics = trainer.test(module, datamodule, verbose=False)[0]
+        assert distill.engine is not None
+        predictor = distill.engine.student_predictor(module) or student  # SimKD predicts with the teacher's head
+        scores = evaluate(predictor, datamodule, teacher)
         results |= {
             "student": cfg.model.name,
-            "loss": ",".join(module.engine.terms),
-            "student_acc": float(metrics["test/acc"]),
-            "agreement": float(metrics["test/agreement"]),
+            "loss": ",".join(distill.engine.terms),
+            "student_acc": scores["acc"],
+            "agreement": scores["agreement"],
             "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
             "logs": str(Path(trainer.logger.log_dir) / "metrics.csv"),
         }
@@ -218,7 +226,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             L.seed_everything(cfg.seed, workers=True)
             baseline = build_model(cfg.model, datamodule.num_classes)
             train_classifier(cfg, baseline, datamodule, out_dir / "baseline", int(cfg.trainer.max_epochs))
-            results["baseline_acc"] = evaluate_accuracy(baseline, datamodule)
+            results["baseline_acc"] = evaluate(baseline, datamodule)["acc"]
     results["wall_s"] = time.perf_counter() - start
     results["results"] = str(out_dir / "results.json")
     write_json_atomic(out_dir / "results.json", results)

@@ -173,3 +173,25 @@ def test_teacher_saved_only_when_asked(tmp_path) -> None:
     trainer = fast_trainer(max_steps=2, callbacks=[fresh])
     trainer.fit(UserModule(), make_loader(), ckpt_path=tmp_path / "save-True.ckpt")
     torch.testing.assert_close(fresh_teacher.fc.weight, teacher.fc.weight)
+
+
+def test_checkpoint_loads_into_the_users_module_without_the_distillation_parts(tmp_path) -> None:
+    from conftest import SmallCNN, UserModule
+
+    from lightning_kd import student_state_dict
+
+    fitnet = {"fitnet": {"student_layers": "net.features.2", "teacher_layers": "features.2"}}
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="c", enable_version_counter=False)  # written during fit
+    cb = DistillCallback(teacher=SmallCNN(seed=1), loss=fitnet)
+    trainer = fast_trainer(max_steps=1, callbacks=[cb, saver], enable_checkpointing=True)
+    model = UserModule()
+    trainer.fit(model, make_loader())
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert any(k.startswith("_lkd_engine.") for k in ckpt["state_dict"])  # kept for ckpt_path= resume
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        UserModule().load_state_dict(ckpt["state_dict"])
+    fresh = UserModule()
+    fresh.load_state_dict(student_state_dict(ckpt))  # strict
+    torch.testing.assert_close(fresh.net.fc.weight, model.net.fc.weight)
