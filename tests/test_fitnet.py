@@ -547,7 +547,7 @@ def test_engine_logs_one_part_per_pair() -> None:
     term, batch = _multi_term()
     engine = DistillEngine(loss={"fitnet": term}, teacher=nn.Linear(2, 2))
     value, logs = engine(batch)
-    assert set(logs) == {"train/fitnet", "train/fitnet/s0", "train/fitnet/s1"}
+    assert set(logs) == {"train/fitnet", "train/fitnet/s0", "train/fitnet/s1", "train/agreement"}
     torch.testing.assert_close(logs["train/fitnet"], logs["train/fitnet/s0"] + logs["train/fitnet/s1"])
     torch.testing.assert_close(value.detach(), 100.0 * logs["train/fitnet"])
 
