@@ -133,10 +133,10 @@ class LossTerm(nn.Module):
         through it; the teacher's stay frozen)."""
         self.__dict__[name] = obj
 
-    def setup(self, ctx: SetupContext) -> None:  # noqa: B027 - optional hook
+    def setup(self, ctx: SetupContext) -> None:
         """Build trainable parts from the probe shapes. Called once, before the optimizer exists."""
 
-    def prepare(self, passes: Iterable[TeacherPass]) -> None:  # noqa: B027 - optional hook
+    def prepare(self, passes: Iterable[TeacherPass]) -> None:
         """Consume one pass of the teacher over the training data (only if :attr:`needs_prepare`)."""
 
     def student_predictor(self, student: nn.Module) -> nn.Module | None:
@@ -155,11 +155,18 @@ class LossTerm(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 # Argument helpers shared by the terms
 # --------------------------------------------------------------------------------------------------------------------
+def check_number(term: str, name: str, value: float, *, positive: bool = False) -> float:
+    """``value`` as a float, or a ``ValueError`` naming the term and the argument when it is not a finite number
+    ``>= 0`` (``> 0`` with ``positive``)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{term}: {name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    return float(value)
+
+
 def check_temperature(term: str, temperature: float) -> float:
     """``temperature`` as a float, or a ``ValueError`` naming the term when it is not a finite number > 0."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{term}: temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
+    return check_number(term, "temperature", temperature, positive=True)
 
 
 @dataclass

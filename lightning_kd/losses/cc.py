@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, register_loss
+from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_number, register_loss
 from lightning_kd.losses.connectors import make_connector
 from lightning_kd.taps import TapSpec
 
@@ -176,8 +176,7 @@ class CCLoss(LossTerm):
         super().__init__(weight)
         if kernel not in KERNELS:
             raise ValueError(f"cc: kernel must be one of {KERNELS}, got {kernel!r}")
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"cc: gamma must be a finite number > 0, got {gamma!r}")
+        check_number("cc", "gamma", gamma, positive=True)
         if isinstance(order, bool) or not isinstance(order, int) or order < 0:
             raise ValueError(f"cc: order (the Taylor order P) must be an integer >= 0, got {order!r}")
         if embed_dim is not None and (isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1):

@@ -77,7 +77,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
+from lightning_kd.losses.base import (
+    DistillBatch,
+    LossTerm,
+    SetupContext,
+    check_number,
+    check_temperature,
+    register_loss,
+)
 from lightning_kd.losses.kd import kd_loss
 from lightning_kd.taps import INTERNAL_PREFIX, TapError, TapSpec, get_module
 
@@ -183,8 +190,7 @@ class E2KDLoss(LossTerm):
         super().__init__(weight)
         self.temperature = check_temperature("e2kd", temperature)
         for name, value in [("explanation_weight", explanation_weight), ("kd_weight", kd_weight)]:
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"e2kd: {name} must be a finite number >= 0, got {value!r}")
+            check_number("e2kd", name, value)
         self.explanation_weight = float(explanation_weight)
         self.kd_weight = float(kd_weight)
         self.student_tap = TapSpec.parse(student_layer)

@@ -54,12 +54,17 @@ scale depend on the per-rank batch size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
+from lightning_kd.losses.base import (
+    DistillBatch,
+    LossTerm,
+    SetupContext,
+    check_number,
+    check_temperature,
+    register_loss,
+)
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -130,8 +135,7 @@ class SinKDLoss(LossTerm):
     ) -> None:
         super().__init__(weight)
         self.temperature = check_temperature("sinkd", temperature)
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"sinkd: epsilon must be a finite number > 0, got {epsilon}")
+        check_number("sinkd", "epsilon", epsilon, positive=True)
         if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
             raise ValueError(f"sinkd: iterations must be an integer >= 1, got {iterations}")
         self.epsilon = float(epsilon)

@@ -62,7 +62,6 @@ Under DDP everything is per sample (instance statistics, no batch statistics); t
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -70,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.losses.base import DistillBatch, LayerPairs, LossTerm, SetupContext, register_loss
+from lightning_kd.losses.base import DistillBatch, LayerPairs, LossTerm, SetupContext, check_number, register_loss
 from lightning_kd.losses.connectors import make_connector
 
 DEFAULT_LAYERS = ("stage:-4", "stage:-3", "stage:-2")
@@ -184,8 +183,7 @@ class SKTLoss(LossTerm):
         self.layers = LayerPairs.parse("skt", student_layers, teacher_layers)
         self.student_taps, self.teacher_taps = self.layers.student, self.layers.teacher
         for name, value in (("intra_weight", intra_weight), ("inter_weight", inter_weight)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"skt: {name} must be a finite number >= 0, got {value!r}")
+            check_number("skt", name, value)
         if intra_weight == 0 and inter_weight == 0:
             raise ValueError("skt: intra_weight and inter_weight are both 0; set at least one > 0")
         if inter_weight > 0 and len(self.layers.student) < 2:

@@ -67,12 +67,17 @@ local batch (nothing is gathered), so it depends on the per-rank batch size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
+from lightning_kd.losses.base import (
+    DistillBatch,
+    LossTerm,
+    SetupContext,
+    check_number,
+    check_temperature,
+    register_loss,
+)
 
 
 def min_classes(k: int) -> int:
@@ -227,8 +232,7 @@ class TopKDLoss(LossTerm):
             ("beta", beta),
             ("contrast_weight", contrast_weight),
         ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"topkd: {name} must be a finite number >= 0, got {value}")
+            check_number("topkd", name, value)
         self.k = int(k)
         self.scale = float(scale)
         self.shift = float(shift)

@@ -87,7 +87,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
+from lightning_kd.losses.base import (
+    DistillBatch,
+    LossTerm,
+    SetupContext,
+    check_number,
+    check_temperature,
+    register_loss,
+)
 from lightning_kd.losses.connectors import make_connector
 from lightning_kd.taps import TapSpec
 
@@ -255,8 +262,7 @@ class TRGLoss(LossTerm):
             ("local_weight", local_weight),
             ("global_weight", global_weight),
         ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"trg: {name} must be a finite number >= 0, got {value}")
+            check_number("trg", name, value)
         self.context_weight, self.local_weight, self.global_weight = (
             float(context_weight),
             float(local_weight),
@@ -271,8 +277,7 @@ class TRGLoss(LossTerm):
             raise ValueError(
                 f"trg: tokens_per_image must be an integer >= 1 or null (all tokens), got {tokens_per_image!r}"
             )
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"trg: sigma must be a finite number > 0, got {sigma}")
+        check_number("trg", "sigma", sigma, positive=True)
         self.k, self.patch_size, self.tokens_per_image = k, patch_size, tokens_per_image
         self.sigma = float(sigma)
         self.normalize = bool(normalize)

@@ -57,12 +57,10 @@ on the rank's local batch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lightning_kd.losses.base import register_loss
+from lightning_kd.losses.base import check_number, register_loss
 from lightning_kd.losses.memory import Embed, MemoryBankTerm
 from lightning_kd.losses.sinkd import sinkhorn_plan
 
@@ -155,12 +153,10 @@ class WCoRDLoss(MemoryBankTerm):
             ("local_weight", local_weight),
             ("lipschitz_weight", lipschitz_weight),
         ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"wcord: {name} must be a finite number >= 0, got {value!r}")
+            check_number("wcord", name, value)
         if not (isinstance(sinkhorn_iters, int) and sinkhorn_iters >= 1):
             raise ValueError(f"wcord: sinkhorn_iters must be an integer >= 1, got {sinkhorn_iters!r}")
-        if not (isinstance(sinkhorn_eps, (int, float)) and math.isfinite(sinkhorn_eps) and sinkhorn_eps > 0):
-            raise ValueError(f"wcord: sinkhorn_eps must be a finite number > 0, got {sinkhorn_eps!r}")
+        check_number("wcord", "sinkhorn_eps", sinkhorn_eps, positive=True)
         self.global_weight = float(global_weight)
         self.local_weight = float(local_weight)
         self.lipschitz_weight = float(lipschitz_weight)
