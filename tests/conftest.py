@@ -33,6 +33,19 @@ def random_data(n: int = 8, size: int = 32, classes: int = 10, batch: int = 4) -
     return DataLoader(TensorDataset(torch.randn(n, 3, size, size), y, torch.arange(n)), batch_size=batch)
 
 
+def fit_pair(loss, teacher: str = "resnet34", n: int = 8, size: int = 32, steps: int = 1) -> tuple:
+    """Fit ``DistillationModule(timm resnet18, timm <teacher>, loss)`` for ``steps`` steps on random
+    (x, y, index) data; returns ``(module, trainer)``."""
+    import lightning_kd
+
+    torch.manual_seed(0)
+    student = timm.create_model("resnet18", num_classes=10)
+    module = lightning_kd.DistillationModule(student, timm.create_model(teacher, num_classes=10), loss=loss)
+    trainer = fast_trainer(max_steps=steps)
+    trainer.fit(module, random_data(n=n, size=size))
+    return module, trainer
+
+
 def tiny(name: str = "resnet18", classes: int = 10, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(name, num_classes=classes)

@@ -8,15 +8,13 @@ import inspect
 import math
 
 import pytest
-import timm
 import torch
-from conftest import fast_trainer, gen, random_data
+from conftest import fit_pair, gen
 from omegaconf import OmegaConf
 from torch import nn
 from torchdistill.losses.mid_level import CCKDLoss as TDCCKDLoss
 from torchdistill.models.wrapper import Linear4CCKD
 
-import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
 from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
@@ -286,13 +284,7 @@ def test_yaml_builds_the_term_with_its_values() -> None:
 
 
 def test_timm_resnet_pair_through_lightning() -> None:
-    torch.manual_seed(0)
-    student = timm.create_model("resnet18", num_classes=10)
-    teacher = timm.create_model("resnet34", num_classes=10)
-    module = lightning_kd.DistillationModule(student, teacher, loss="cc")
-    data = random_data(n=8, size=32)
-    trainer = fast_trainer(max_steps=1)
-    trainer.fit(module, data)
+    module, trainer = fit_pair("cc")
     value = trainer.callback_metrics["train/cc"]
     assert math.isfinite(float(value)) and float(value) > 0
     term = module.engine.terms["cc"]

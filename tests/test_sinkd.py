@@ -12,14 +12,12 @@ import itertools
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import fast_trainer, random_data
+from conftest import fit_pair
 from omegaconf import OmegaConf
 from torch import nn
 
-import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
 from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
@@ -290,13 +288,7 @@ def test_yaml_builds_the_term_with_its_values() -> None:
 
 
 def test_timm_resnet_pair_through_lightning() -> None:
-    torch.manual_seed(0)
-    student = timm.create_model("resnet18", num_classes=10)
-    teacher = timm.create_model("resnet18", num_classes=10)
-    module = lightning_kd.DistillationModule(student, teacher, loss="sinkd")
-    data = random_data(n=8, size=16)
-    trainer = fast_trainer(max_steps=2)
-    trainer.fit(module, data)
+    _, trainer = fit_pair("sinkd", teacher="resnet18", size=16, steps=2)
     metrics = trainer.callback_metrics
     assert "train/sinkd" in metrics
     assert math.isfinite(float(metrics["train/sinkd"])) and float(metrics["train/sinkd"]) > 0

@@ -8,15 +8,13 @@ import inspect
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import fast_trainer, gen, layer_batch, random_data, total
+from conftest import fit_pair, gen, layer_batch, total
 from omegaconf import OmegaConf
 from torch import nn
 from torchdistill.losses.mid_level import FSPLoss as TDFSPLoss
 
-import lightning_kd
 from lightning_kd.config import CONF_DIR, compose
 from lightning_kd.engine import build_terms
 from lightning_kd.losses import ModelOutputs, SetupContext, create_loss
@@ -360,13 +358,7 @@ def test_yaml_builds_the_term_with_its_values() -> None:
 
 
 def test_timm_resnet_pair_through_lightning() -> None:
-    torch.manual_seed(0)
-    student = timm.create_model("resnet18", num_classes=10)
-    teacher = timm.create_model("resnet34", num_classes=10)
-    module = lightning_kd.DistillationModule(student, teacher, loss="skt")
-    data = random_data(n=8, size=32)
-    trainer = fast_trainer(max_steps=1)
-    trainer.fit(module, data)
+    module, trainer = fit_pair("skt")
     metrics = trainer.callback_metrics
     assert "train/skt" in metrics and math.isfinite(float(metrics["train/skt"])) and float(metrics["train/skt"]) > 0
     parts = sorted(k for k in metrics if k.startswith("train/skt/"))
