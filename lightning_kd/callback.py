@@ -43,7 +43,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_kd.engine import DistillEngine, LossSpec, eval_mode, unpack_batch
+from lightning_kd.engine import DistillEngine, LossSpec, eval_mode, split_targets, unpack_batch
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.models import create_model, load_model_file, load_weights
 from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps
@@ -239,7 +239,8 @@ class DistillCallback(Callback):
         assert engine is not None
         batch = args[0] if args else kw.get("batch")
         inputs, targets, indices = unpack_batch(batch)
-        teacher = engine.run_teacher(inputs)
+        trainer = pl_module.trainer
+        teacher = engine.teacher_outputs(inputs, indices, trainer.current_epoch)
         with engine.student_capture():
             output = original(*args, **kw)
         student = engine.student_outputs()
@@ -252,9 +253,9 @@ class DistillCallback(Callback):
                 f"DistillCallback needs training_step to return the loss tensor or a dict with a 'loss' key; "
                 f"{type(pl_module).__name__}.training_step returned {type(output).__name__}"
             )
-        trainer = pl_module.trainer
+        labels, soft = split_targets(targets)
         step = DistillBatch(
-            student, teacher, targets, indices, trainer.global_step, trainer.current_epoch, self._max_steps
+            student, teacher, labels, indices, trainer.global_step, trainer.current_epoch, self._max_steps, inputs, soft
         )
         distill, logs = engine(step)
         terms = distill

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -35,6 +35,17 @@ from lightning_kd.losses.base import (
 from lightning_kd.taps import LOGITS, LayerTaps, TapSpec
 
 LossSpec = str | LossTerm | Mapping[str, Any] | Sequence[Any]
+
+
+class TeacherOutputSource(Protocol):
+    """Stored teacher outputs a training step may read instead of running the teacher (see
+    :meth:`DistillEngine.teacher_outputs`)."""
+
+    def lookup(self, indices: torch.Tensor, epoch: int, device: torch.device) -> ModelOutputs | None:
+        """The outputs for these samples in this epoch, or ``None`` when any of them is not stored."""
+
+    def record(self, indices: torch.Tensor, epoch: int, outputs: ModelOutputs) -> None:
+        """Offer outputs the live teacher just computed, for storing."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,6 +146,22 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.T
     )
 
 
+def split_targets(targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(class indices, probability targets)``: a float ``[B, C]`` target (mixup's soft labels) gives its argmax and
+    itself; class indices give themselves and ``None``."""
+    if targets is not None and targets.is_floating_point() and targets.dim() == 2:
+        return targets.argmax(-1), targets
+    return targets, None
+
+
+def ensemble_members(output: Any) -> dict[str, torch.Tensor]:
+    """Per-member logits of an ensemble's output (a ``members`` attribute or key), else ``{}``."""
+    members = getattr(output, "members", None)
+    if members is None and isinstance(output, Mapping):
+        members = output.get("members")
+    return {str(k): as_logits(v).detach() for k, v in (members or {}).items()}
+
+
 def as_logits(output: Any) -> torch.Tensor:
     """The logits in a model output: a tensor, a ``.logits`` attribute, a ``'logits'`` key, or the first item."""
     if isinstance(output, torch.Tensor):
@@ -200,6 +227,9 @@ class DistillEngine(nn.Module):
         self.student_taps: LayerTaps | None = None
         self.teacher_taps: LayerTaps | None = None
         self.is_setup = False
+        #: where training steps may read the teacher's outputs instead of running it (a
+        #: :class:`~lightning_kd.strategies.teacher_cache.TeacherOutputCache` installs itself here), or ``None``.
+        self.output_cache: TeacherOutputSource | None = None
 
     # -- taps --------------------------------------------------------------------------------------------------------
     def _requested(self, side: str) -> list[TapSpec]:
@@ -254,10 +284,24 @@ class DistillEngine(nn.Module):
         taps = self.teacher_taps if with_features and self.teacher_taps is not None else None
         if taps is None or not taps.attached:
             with torch.no_grad():
-                return ModelOutputs(as_logits(teacher(inputs)).detach())
+                output = teacher(inputs)
+            return ModelOutputs(as_logits(output).detach(), members=ensemble_members(output))
         with torch.no_grad(), taps.capture():
-            logits = as_logits(teacher(inputs))
-        return ModelOutputs(logits.detach(), taps.pop())
+            output = teacher(inputs)
+        return ModelOutputs(as_logits(output).detach(), taps.pop(), ensemble_members(output))
+
+    def teacher_outputs(self, inputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> ModelOutputs:
+        """The teacher's outputs for a training step: read from :attr:`output_cache` when it holds this
+        ``(epoch, indices)``, else computed by :meth:`run_teacher` (and offered to the cache to record)."""
+        cache = self.output_cache
+        if cache is None or indices is None:
+            return self.run_teacher(inputs)
+        cached = cache.lookup(indices, epoch, inputs.device)
+        if cached is not None:
+            return cached
+        outputs = self.run_teacher(inputs)
+        cache.record(indices, epoch, outputs)
+        return outputs
 
     # -- before fitting ----------------------------------------------------------------------------------------------
     def setup(
@@ -324,6 +368,8 @@ class DistillEngine(nn.Module):
             logs[f"{self.log_prefix}{name}"] = value.detach()
             total = total + term.weight * value.float()
         logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits)
+        for member, logits in batch.teacher.members.items():
+            logs[f"{self.log_prefix}agreement/{member}"] = agreement(batch.student.logits, logits)
         return total, logs
 
 
@@ -349,7 +395,9 @@ __all__ = [
     "agreement",
     "as_logits",
     "build_terms",
+    "ensemble_members",
     "eval_mode",
     "freeze",
+    "split_targets",
     "unpack_batch",
 ]

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kd.engine import DistillEngine, LossSpec, agreement, check_finite_task_loss, unpack_batch
+from lightning_kd.engine import (
+    DistillEngine,
+    LossSpec,
+    agreement,
+    check_finite_task_loss,
+    split_targets,
+    unpack_batch,
+)
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
@@ -56,7 +63,8 @@ class ClassifierModule(L.LightningModule):
         return self.model(x)
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on labels (computed in float32)."""
+        """Cross-entropy on labels (computed in float32); ``targets`` are class indices or, after mixup, class
+        probabilities ``[B, C]``."""
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -163,12 +171,15 @@ class DistillationModule(ClassifierModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets, indices = unpack_batch(batch)
-        teacher = self.engine.run_teacher(inputs)
+        teacher = self.engine.teacher_outputs(inputs, indices, self.current_epoch)
         with self.engine.student_capture():
             logits = self.model(inputs)  # the student's own head (a SimKD predictor is for evaluation)
         student = self.engine.student_outputs(logits)
         ce = self.task_loss(logits, targets)
-        step = DistillBatch(student, teacher, targets, indices, self.global_step, self.current_epoch, self._max_steps)
+        labels, soft = split_targets(targets)
+        step = DistillBatch(
+            student, teacher, labels, indices, self.global_step, self.current_epoch, self._max_steps, inputs, soft
+        )
         distill, logs = self.engine(step)
         check_finite_task_loss(ce, "ce", self.global_step)
         loss = self.task_weight * ce + distill

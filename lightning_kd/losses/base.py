@@ -30,10 +30,13 @@ TEACHER = "teacher"
 
 @dataclass
 class ModelOutputs:
-    """What one model produced in this step: its logits and the tensors of the taps the terms asked for."""
+    """What one model produced in this step: its logits, the tensors of the taps the terms asked for and, for a
+    teacher ensemble (:class:`~lightning_kd.strategies.multi_teacher.TeacherEnsemble`), each member's logits by name
+    (``logits`` is then the ensemble's combined prediction)."""
 
     logits: torch.Tensor
     features: dict[TapSpec, torch.Tensor] = field(default_factory=dict)
+    members: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __getitem__(self, spec: str | TapSpec) -> torch.Tensor:
         key = TapSpec.parse(spec)
@@ -58,6 +61,10 @@ class DistillBatch:
         step: the trainer's global step (drives schedules).
         epoch: the current epoch.
         max_steps: the total number of optimisation steps, when known (``-1`` otherwise).
+        inputs: the step's inputs, for terms that run extra forwards (augmented candidates, a frozen copy of the
+            student), or ``None``.
+        soft_targets: probability targets ``[B, C]`` when the batch carries them (mixup); ``targets`` then holds
+            their argmax, so terms that need class indices keep working.
     """
 
     student: ModelOutputs
@@ -67,6 +74,8 @@ class DistillBatch:
     step: int = 0
     epoch: int = 0
     max_steps: int = -1
+    inputs: torch.Tensor | None = None
+    soft_targets: torch.Tensor | None = None
 
 
 @dataclass
