@@ -40,6 +40,10 @@ STAGES = ("all", "teacher", "student")
 # --------------------------------------------------------------------------------------------------------------------
 STRATEGIES: dict[str, str] = {
     "distill": "lightning_kd.app:run_distill",
+    "mutual": "lightning_kd.strategies.mutual:run_app",
+    "born_again": "lightning_kd.strategies.born_again:run_app",
+    "ema": "lightning_kd.strategies.ema:run_app",
+    "multi_teacher": "lightning_kd.strategies.multi_teacher:run_app",
 }
 
 
