@@ -339,7 +339,7 @@ class DistillEngine(nn.Module):
     def _teacher_passes(self, batches: Iterable[Any], device: torch.device) -> Iterator[TeacherPass]:
         for batch in batches:
             inputs, targets, indices = unpack_batch(batch)
-            to = lambda t: t.to(device) if t is not None else None  # noqa: E731
+            to = lambda t: t.to(device) if t is not None else None
             yield TeacherPass(self.run_teacher(to(inputs)), to(targets), to(indices))
 
     def student_predictor(self, student: nn.Module) -> nn.Module | None:
@@ -366,6 +366,8 @@ class DistillEngine(nn.Module):
                     "inputs and the teacher's outputs for NaN, lower the learning rate, or use a larger temperature"
                 )
             logs[f"{self.log_prefix}{name}"] = value.detach()
+            for key, diagnostic in (getattr(term, "diagnostics", None) or {}).items():
+                logs[f"{self.log_prefix}{name}/{key}"] = diagnostic.detach().float()
             total = total + term.weight * value.float()
         logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits)
         for member, logits in batch.teacher.members.items():

@@ -40,7 +40,7 @@ def test_loss_under_bf16_autocast_is_float32_with_gradients(loss: str, data) -> 
             logits = student(x[:8])
         s_out = engine.student_outputs(logits)
         assert logits.dtype == torch.bfloat16  # autocast is really on
-        batch = DistillBatch(s_out, t_out, y[:8], idx[:8], step=1000, epoch=1000, max_steps=2000)
+        batch = DistillBatch(s_out, t_out, y[:8], idx[:8], step=1000, epoch=1000, max_steps=2000, inputs=x[:8])
         total, logs = engine(batch)
     assert total.dtype == torch.float32, f"{loss}: total is {total.dtype}"
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in logs.values()), logs

@@ -130,6 +130,9 @@ class LossTerm(nn.Module):
         self.weight = float(weight)
         self.student_taps: list[TapSpec] = []
         self.teacher_taps: list[TapSpec] = []
+        #: values to log that are not part of the loss (a router's routed fractions...), set by :meth:`forward`;
+        #: the engine logs them as ``train/<term>/<key>`` after each call.
+        self.diagnostics: dict[str, torch.Tensor] = {}
 
     def taps(self) -> dict[str, list[TapSpec]]:
         """The layers this term reads, per side."""
