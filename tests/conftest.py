@@ -18,6 +18,21 @@ def _isolated_teacher_store(tmp_path_factory: pytest.TempPathFactory, monkeypatc
     monkeypatch.setenv("LIGHTNING_KD_CACHE", str(tmp_path_factory.getbasetemp() / "teacher-store"))
 
 
+#: Hydra overrides for a seconds-long in-process or subprocess run of the app: synthetic data, two training steps.
+TINY_APP = [
+    "data=synthetic",
+    "data.num_samples=64",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "trainer.max_steps=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "progress_bar=none",
+]
+
+
 def make_loader(n: int = 32, classes: int = 10, size: int = 16, batch: int = 8, seed: int = 0) -> DataLoader:
     """(x, y, index) batches of learnable synthetic data."""
     g = torch.Generator().manual_seed(seed)

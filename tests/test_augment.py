@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import GapNet, UserModule, fast_trainer, make_loader, tiny
+from conftest import TINY_APP, GapNet, UserModule, fast_trainer, make_loader, tiny
 
 from lightning_kd import DistillationModule
 from lightning_kd.callback import DistillCallback
@@ -204,15 +204,7 @@ def test_app_mixkd(tmp_path, monkeypatch) -> None:
     cfg = compose(
         [
             "augment=mixkd",
-            "data=synthetic",
-            "data.num_samples=64",
-            "data.image_size=16",
-            "data.batch_size=16",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.log_every_n_steps=1",
-            "progress_bar=none",
+            *TINY_APP,
             "model=test_resnet",  # timm's tiny test ResNet (with BatchNorm)
             "teacher=test_resnet",
             f"teacher.checkpoint={teacher}",

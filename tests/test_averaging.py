@@ -9,7 +9,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import fast_trainer, make_loader, tiny
+from conftest import TINY_APP, fast_trainer, make_loader, tiny
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -166,14 +166,7 @@ def test_app_wakd(tmp_path, monkeypatch) -> None:
         [
             "averaging=wakd",
             "averaging.start_fraction=0.5",
-            "data=synthetic",
-            "data.num_samples=64",
-            "data.image_size=16",
-            "data.batch_size=16",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "progress_bar=none",
+            *TINY_APP,
             "model=test_resnet",  # timm's tiny test ResNet (with BatchNorm)
             "teacher=test_resnet",
             f"teacher.checkpoint={teacher}",

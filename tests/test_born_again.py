@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SmallCNN, fast_trainer, make_loader
+from conftest import TINY_APP, SmallCNN, fast_trainer, make_loader
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 from torch import nn
@@ -301,15 +301,7 @@ def test_app_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "strategy.generations=2",
             "strategy.objective=dkpp",
             "model=test_resnet",
-            "data=synthetic",
-            "data.num_samples=64",
-            "data.image_size=16",
-            "data.batch_size=16",
-            "trainer.max_steps=2",
-            "trainer.limit_val_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.log_every_n_steps=1",
-            "progress_bar=none",
+            *TINY_APP,
         ]
     )
     res = train(cfg)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import SmallCNN, UserModule, fast_trainer, make_loader
+from conftest import TINY_APP, SmallCNN, UserModule, fast_trainer, make_loader
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -350,14 +350,7 @@ def test_resume_gives_the_same_teacher(tmp_path, options) -> None:
 # Hydra app
 # --------------------------------------------------------------------------------------------------------------------
 APP = [
-    "data=synthetic",
-    "data.num_samples=64",
-    "data.image_size=16",
-    "data.batch_size=16",
-    "trainer.max_steps=2",
-    "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "progress_bar=none",
+    *TINY_APP,
     "model=test_resnet",  # timm's tiny test ResNet (with BatchNorm)
 ]
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import GapNet, SmallCNN, UserModule, fast_trainer, make_loader, tiny
+from conftest import TINY_APP, GapNet, SmallCNN, UserModule, fast_trainer, make_loader, tiny
 from omegaconf import OmegaConf
 
 from lightning_kd import DistillCallback
@@ -135,16 +135,7 @@ def test_combined_logits_are_float32_under_autocast() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 APP = [
     "strategy=multi_teacher",
-    "data=synthetic",
-    "data.num_samples=64",
-    "data.image_size=16",
-    "data.batch_size=16",
-    "trainer.max_steps=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "progress_bar=none",
+    *TINY_APP,
     "model=resnet10t",
     "teacher_epochs=1",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GapNet, SmallCNN, fast_trainer, make_loader, tiny
+from conftest import TINY_APP, GapNet, SmallCNN, fast_trainer, make_loader, tiny
 from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 from torch.utils.data import DataLoader, TensorDataset
@@ -268,16 +268,7 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
 
 # ------------------------------------------------------------------------------------------------------- Hydra app
 TINY = [
-    "data=synthetic",
-    "data.num_samples=64",
-    "data.image_size=16",
-    "data.batch_size=16",
-    "trainer.max_steps=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "progress_bar=none",
+    *TINY_APP,
     "model=test_resnet",  # timm's tiny test network: the app's code paths at a fraction of resnet18's cost
     "teacher=test_resnet",
 ]

@@ -14,33 +14,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny
+from conftest import TINY_APP, tiny
 
 from lightning_kd.config import CONF_DIR
 from lightning_kd.models import save_model_file
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
-TINY = [
-    "model=resnet18",
-    "teacher=resnet18",
-    "data=synthetic",
-    "data.num_samples=96",
-    "data.image_size=16",
-    "data.batch_size=16",
-    "trainer.max_steps=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "teacher_epochs=1",
-    "progress_bar=none",
-]
+TINY = [*TINY_APP, "model=resnet18", "teacher=resnet18", "teacher_epochs=1"]
 
 
 def multirun(tmp: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
     sweep_dir = tmp / "multirun"
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_kd.run", "--multirun", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        check=False,
         cwd=tmp,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
         capture_output=True,
@@ -70,3 +57,30 @@ def test_strategy_config_runs_through_the_app(sweep, strategy: str) -> None:
     assert results.is_file(), f"strategy={strategy} wrote no results; exit {proc.returncode}:\n{proc.stderr[-4000:]}"
     res = json.loads(results.read_text())
     assert math.isfinite(res["student_acc"]) and 0 <= res["student_acc"] <= 1
+
+
+@pytest.mark.slow
+def test_option_groups_combine_through_the_app(tmp_path: Path) -> None:
+    """augment=, teacher_cache= and averaging= together on the command line: the teacher runs over the training set
+    in the first epoch under the replayed augmentation (prefill) and not in the second (period 1: the same views),
+    whose steps read the cache; the student is weight-averaged."""
+    teacher = save_model_file(tiny("resnet18", seed=1), tmp_path / "t.pt", {"model": "resnet18", "num_classes": 10})
+    sweep_dir, proc = multirun(
+        tmp_path,
+        "augment=shift,crop_flip",
+        "++augment.period=1",
+        "teacher_cache=disk",
+        "averaging=wakd",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        f"teacher.checkpoint={teacher}",
+    )
+    results = sorted(sweep_dir.glob("*/results.json"))
+    assert len(results) == 2, f"exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+    for path in results:
+        metrics = (path.parent / "logs" / "metrics.csv").read_text().splitlines()
+        header = metrics[0].split(",")
+        rows = [row.split(",") for row in metrics[1:]]
+        computed, read = header.index("train/teacher_cache/computed"), header.index("train/teacher_cache/read")
+        per_epoch = [(float(r[computed]), float(r[read])) for r in rows if r[computed]]
+        assert len(per_epoch) == 2 and per_epoch[0][0] > 0 and per_epoch[1] == (0.0, per_epoch[0][1]), per_epoch
