@@ -20,7 +20,7 @@ from lightning_kd.config import CONF_DIR
 from lightning_kd.models import save_model_file
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
-TINY = [*TINY_APP, "model=resnet18", "teacher=resnet18", "teacher_epochs=1"]
+TINY = [*TINY_APP, "model=test_resnet", "teacher=test_resnet", "teacher_epochs=1"]
 
 
 def multirun(tmp: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -40,7 +40,9 @@ def multirun(tmp: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("strategy-sweep")
-    teacher = save_model_file(tiny("resnet18", seed=1), tmp / "teacher.pt", {"model": "resnet18", "num_classes": 10})
+    teacher = save_model_file(
+        tiny("test_resnet", seed=1), tmp / "teacher.pt", {"model": "test_resnet", "num_classes": 10}
+    )
     return multirun(tmp, f"strategy={','.join(STRATEGIES)}", f"teacher.checkpoint={teacher}")
 
 
@@ -64,7 +66,9 @@ def test_option_groups_combine_through_the_app(tmp_path: Path) -> None:
     """augment=, teacher_cache= and averaging= together on the command line: the teacher runs over the training set
     in the first epoch under the replayed augmentation (prefill) and not in the second (period 1: the same views),
     whose steps read the cache; the student is weight-averaged."""
-    teacher = save_model_file(tiny("resnet18", seed=1), tmp_path / "t.pt", {"model": "resnet18", "num_classes": 10})
+    teacher = save_model_file(
+        tiny("test_resnet", seed=1), tmp_path / "t.pt", {"model": "test_resnet", "num_classes": 10}
+    )
     sweep_dir, proc = multirun(
         tmp_path,
         "augment=shift,crop_flip",
