@@ -567,7 +567,8 @@ _OPTION_KEYS = ("warmup", "buffers", "fisher_quantile", "fisher_decay", "protect
 def run_app(cfg: Any, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     """``strategy=ema``: the student ``cfg.model`` (a :class:`~lightning_kd.module.ClassifierModule`) trained with
     :class:`EMADistillCallback` (``student_attr="model"``) and the terms of ``cfg.loss``; no teacher is loaded or
-    trained (``cfg.teacher`` and ``teacher_epochs`` are ignored). Results: ``student_acc``, ``teacher_acc`` (the EMA
+    trained (``cfg.teacher`` and ``teacher_epochs`` are ignored). ``strategy.task_weight`` (when set) replaces
+    ``loss.task_weight``: the self-teacher is a regulariser next to the full label loss. Results: ``student_acc``, ``teacher_acc`` (the EMA
     teacher's test accuracy), ``agreement``, and rows with the momentum, the number of updates and, with the Fisher
     mask, its quantile and last protected fraction."""
     from lightning_kd.app import (
@@ -599,7 +600,7 @@ def run_app(cfg: Any, datamodule: Any, out_dir: Path) -> dict[str, Any]:
         loss=cfg.loss.terms,
         momentum=float(strategy.get("momentum", 0.99)),
         student_attr="model",
-        task_weight=cfg.loss.task_weight,
+        task_weight=cfg.loss.task_weight if strategy.get("task_weight") is None else strategy.task_weight,
         **options,
     )
     trainer = make_trainer(cfg, out_dir, checkpoints=True, extra=(*option_callbacks(cfg), callback))
