@@ -18,6 +18,7 @@ hands them over and empties the slots, and nothing is stored while capture is of
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -291,3 +292,37 @@ class LayerTaps:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with ``requires_grad`` off and none of this package's attachments: no ``_lkd_*``
+    submodules (a callback's engine with its connectors), no instance-level ``training_step`` wrap, no tap hooks
+    (which would otherwise fire, and capture, on the copy's forward); the user's own hooks are kept. Safe on a
+    LightningModule: its trainer reference is not copied (``LightningModule.__getstate__`` drops it). Used for
+    teachers made from the student (an EMA teacher, the frozen initial student of data-partitioned KD)."""
+    saved = dict(model._modules)
+    for name in saved:
+        if name.startswith(INTERNAL_PREFIX):
+            del model._modules[name]
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        model._modules.clear()
+        model._modules.update(saved)
+    clone.__dict__.pop("training_step", None)
+    for module in clone.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None) or {}
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", None) == __name__]:
+                for other in _HOOK_DICTS:
+                    getattr(module, other, {}).pop(key, None)
+    return clone.requires_grad_(False)

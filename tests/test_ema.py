@@ -16,16 +16,16 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_kd import DistillationModule
+from lightning_kd.engine import freeze
 from lightning_kd.strategies.ema import (
     EMADistillCallback,
     EMATeacherCallback,
     MomentumTeacher,
-    momentum_copy,
     quantile,
     run_app,
     student_of,
 )
-from lightning_kd.taps import LayerTaps
+from lightning_kd.taps import LayerTaps, frozen_copy
 
 
 class BNNet(nn.Module):
@@ -293,11 +293,11 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
         EMATeacherCallback().setup(fast_trainer(), UserModule(), "fit")
 
 
-def test_momentum_copy_leaves_out_trainer_attachments_and_taps() -> None:
+def test_teacher_copy_leaves_out_trainer_attachments_and_taps() -> None:
     module = UserModule()
     module.add_module("_lkd_engine", nn.Linear(2, 2))
     taps = LayerTaps(module, ["net.fc"])
-    teacher = momentum_copy(module)
+    teacher = freeze(frozen_copy(module))  # how EMADistillCallback makes its teacher
     assert [n for n, _ in module.named_children()] == ["net", "_lkd_engine"]  # the student is left as it was
     assert [n for n, _ in teacher.named_children()] == ["net"]
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training

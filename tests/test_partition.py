@@ -15,8 +15,8 @@ from lightning_kd import DistillationModule, DistillCallback
 from lightning_kd.engine import DistillEngine
 from lightning_kd.losses import DistillBatch, ModelOutputs, SetupContext, create_loss
 from lightning_kd.losses.kd import kd_loss
-from lightning_kd.losses.partition import PartitionKD, frozen_copy, partition_targets
-from lightning_kd.taps import LayerTaps
+from lightning_kd.losses.partition import PartitionKD, partition_targets
+from lightning_kd.taps import LayerTaps, frozen_copy
 
 # Four samples, three classes; labels 0, 1, 2, 0.
 INITIAL = [[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.5, 0.5, 0.5], [0.0, 4.0, 0.0]]

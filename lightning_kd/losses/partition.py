@@ -44,37 +44,15 @@ forward's output (a tensor, a ``.logits`` attribute, a ``"logits"`` key or the f
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from lightning_kd.losses.base import DistillBatch, LossTerm, SetupContext, check_temperature, register_loss
 from lightning_kd.losses.classroom import member_logits
 from lightning_kd.losses.kd import kd_loss
-from lightning_kd.taps import INTERNAL_PREFIX
+from lightning_kd.taps import frozen_copy
 
 CONFIDENCES = ("auto", "label", "max")
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with ``requires_grad`` off, without this package's engines (``_lkd_*`` submodules)
-    and without the forward hooks installed by :mod:`lightning_kd.taps`. Its train/eval mode is the model's (callers
-    put it in eval mode before running it)."""
-    memo: dict[int, object] = {}
-    for name, module in model.named_modules():
-        if any(part.startswith(INTERNAL_PREFIX) for part in name.split(".")):
-            memo[id(module)] = None
-    clone = copy.deepcopy(model, memo)
-    for module in clone.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key, hook in list(hooks.items()):
-                if getattr(hook, "__module__", None) == "lightning_kd.taps":
-                    del hooks[key]
-                    for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                        getattr(module, extra, {}).pop(key, None)
-                    getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
-    return clone.requires_grad_(False)
 
 
 def confidence(logits: torch.Tensor, targets: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -63,7 +63,6 @@ whose gradients are not finite (the grad scaler skips it) leaves F unchanged.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,17 +75,10 @@ from torch import nn
 
 from lightning_kd.callback import DistillCallback
 from lightning_kd.engine import LossSpec, freeze
-from lightning_kd.taps import INTERNAL_PREFIX, LOGITS
+from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, frozen_copy
 
 BUFFER_MODES = ("ema", "copy")
 PROTECT_MODES = ("keep", "source")
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,36 +325,6 @@ class MomentumTeacher:
             self.source = {k: v.clone() for k, v in state["source"].items()}
 
 
-def momentum_copy(student: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``student`` to start an EMA teacher from.
-
-    Safe on a LightningModule: its trainer reference is not copied (``LightningModule.__getstate__`` drops it), the
-    package's own attachments (``_lkd_*`` submodules: another callback's engine, connectors and teacher) are left out,
-    an instance-level ``training_step`` wrap is dropped, and the copy carries none of the student's layer-tap hooks
-    (which would otherwise fire, and capture, on the teacher's forward). Other hooks are copied as they are.
-    """
-    saved = dict(student._modules)
-    for name in saved:
-        if name.startswith(INTERNAL_PREFIX):
-            del student._modules[name]
-    try:
-        teacher = copy.deepcopy(student)
-    finally:
-        student._modules.clear()
-        student._modules.update(saved)
-    teacher.__dict__.pop("training_step", None)
-    for module in teacher.modules():
-        for attr in _HOOK_DICTS:
-            hooks = getattr(module, attr, None)
-            if not hooks:
-                continue
-            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", None) == "lightning_kd.taps"]:
-                del hooks[key]
-                for other in _HOOK_DICTS:
-                    getattr(module, other, {}).pop(key, None)
-    return freeze(teacher)
-
-
 def student_of(pl_module: nn.Module, student_attr: str | None) -> nn.Module:
     """The network whose EMA is the teacher: ``pl_module`` itself, or its submodule ``student_attr``."""
     if student_attr is None:
@@ -435,7 +397,7 @@ class _StudentCopy(nn.Module):
 class EMADistillCallback(_EMAHooks, DistillCallback):
     """Distil the LightningModule into itself through a momentum (EMA) teacher (MKD; PSMT with ``fisher_quantile``).
 
-    At ``setup`` the teacher is a frozen copy of the student (:func:`momentum_copy`), held outside the module tree
+    At ``setup`` the teacher is a frozen copy of the student (:func:`~lightning_kd.taps.frozen_copy`), held outside the module tree
     like every teacher of :class:`~lightning_kd.callback.DistillCallback` (never in the optimizer, never given a
     gradient). After each optimizer step it moves toward the student by :class:`MomentumTeacher`'s rule. The loss the
     user's ``training_step`` returns is replaced by ``task_weight · user_loss + Σ weight_i · term_i(student, teacher)``
@@ -505,7 +467,7 @@ class EMADistillCallback(_EMAHooks, DistillCallback):
             return
         student = student_of(pl_module, self.student_attr)
         if self.engine is None:
-            self.teacher = momentum_copy(student)  # before DistillCallback builds its engine around it
+            self.teacher = freeze(frozen_copy(student))  # before DistillCallback builds its engine around it
         super().setup(trainer, pl_module, stage)
         assert self.engine is not None
         self.ema.bind(self.engine.teacher, student)
@@ -632,7 +594,6 @@ __all__ = [
     "EMADistillCallback",
     "EMATeacherCallback",
     "MomentumTeacher",
-    "momentum_copy",
     "quantile",
     "run_app",
     "student_of",
