@@ -162,6 +162,18 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def check_single_fit(cfg: DictConfig, strategy: str, reason: str, *, refuse_cache: bool = True) -> None:
+    """For a strategy that has no separately trained frozen teacher: ``stage`` must be ``all`` (``reason`` says why)
+    and, with ``refuse_cache``, no ``teacher_cache=`` (its stored outputs assume a teacher that does not change)."""
+    if cfg.stage != "all":
+        raise ValueError(f"stage={cfg.stage} does not apply to strategy={strategy}: {reason}; use stage=all")
+    if refuse_cache and cfg.get("teacher_cache") is not None:
+        raise ValueError(
+            f"teacher_cache= replays stored outputs of a frozen teacher, but in strategy={strategy} the teacher trains "
+            "and its outputs change every step; drop teacher_cache= (or use strategy=distill)"
+        )
+
+
 def option_callbacks(cfg: DictConfig) -> list[Any]:
     """The callbacks selected by the optional config groups :data:`CALLBACK_GROUPS` (each node has a ``_target_``),
     in that order: augmentation first, so the teacher cache and the distillation see the augmented batch."""

@@ -72,6 +72,7 @@ from torch import nn
 
 from lightning_kd.app import (
     build_model,
+    check_single_fit,
     classifier_module,
     make_trainer,
     option_callbacks,
@@ -494,11 +495,12 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     with the app's optimizer and scheduler; weights in ``<out_dir>/generations/gen<k>.pt`` (finished ones are reused
     when the run directory is reused: ``hydra.run.dir=<that directory>``). ``teacher=`` is not used."""
     opts = cfg.strategy
-    if cfg.stage != "all":
-        raise ValueError(
-            f"strategy=born_again trains its own generation 0 (the first teacher) and then the generations: use "
-            f"stage=all, got stage={cfg.stage}"
-        )
+    check_single_fit(
+        cfg,
+        "born_again",
+        "it trains its own generation 0 (the first teacher) and then the generations",
+        refuse_cache=False,
+    )
     if cfg.ckpt_path:
         raise ValueError(
             "strategy=born_again resumes by generation, not from ckpt_path: rerun with hydra.run.dir=<the interrupted "

@@ -535,6 +535,7 @@ def run_app(cfg: Any, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     mask, its quantile and last protected fraction."""
     from lightning_kd.app import (
         build_model,
+        check_single_fit,
         classifier_module,
         evaluate,
         fit_report,
@@ -544,16 +545,7 @@ def run_app(cfg: Any, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     )
 
     strategy = cfg.strategy
-    if cfg.stage != "all":
-        raise ValueError(
-            f"stage={cfg.stage} does not apply to strategy=ema: the teacher is the moving average of the student and "
-            "trains with it in one fit; use stage=all"
-        )
-    if cfg.get("teacher_cache") is not None:
-        raise ValueError(
-            "teacher_cache= replays stored outputs of a fixed teacher, but the EMA teacher changes every step; drop "
-            "teacher_cache= (or use strategy=distill)"
-        )
+    check_single_fit(cfg, "ema", "the teacher is the moving average of the student and trains with it in one fit")
     options = {k: strategy[k] for k in _OPTION_KEYS if strategy.get(k) is not None}
     L.seed_everything(cfg.seed, workers=True)
     student = build_model(cfg.model, datamodule.num_classes)

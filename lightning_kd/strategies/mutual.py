@@ -417,20 +417,18 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     """
     from hydra.utils import instantiate
 
-    from lightning_kd.app import build_model, fit_report, make_trainer, option_callbacks, train_baseline
+    from lightning_kd.app import (
+        build_model,
+        check_single_fit,
+        fit_report,
+        make_trainer,
+        option_callbacks,
+        train_baseline,
+    )
     from lightning_kd.models import save_model_file
 
     strategy = cfg.strategy
-    if cfg.stage != "all":
-        raise ValueError(
-            f"stage={cfg.stage} does not apply to strategy=mutual: every network trains together in one fit; use "
-            "stage=all"
-        )
-    if cfg.get("teacher_cache") is not None:
-        raise ValueError(
-            "teacher_cache= stores a frozen teacher's outputs, but in strategy=mutual every network trains and its "
-            "outputs change each step; drop teacher_cache= (or use strategy=distill)"
-        )
+    check_single_fit(cfg, "mutual", "every network trains together in one fit")
     peers = strategy.get("peers") or {"student": cfg.model, "peer": cfg.model}
     names = [str(n) for n in peers]
     export = str(strategy.get("export") or names[0])
