@@ -131,6 +131,21 @@ def test_spatial_mismatch_raises_with_taps_and_shapes() -> None:
         at_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2))
 
 
+def test_resize_pools_the_larger_map_as_repdistiller() -> None:
+    """resize=True: a 4x4 map against a 2x2 map is compared after 2x2 average pooling of the larger one, whichever
+    side it is on (RepDistiller / mdistiller ``at_loss``); hand-worked for one sample."""
+    big = torch.tensor([[1.0, 1, 3, 3], [1, 1, 3, 3], [0, 0, 2, 2], [0, 0, 2, 2]]).view(1, 1, 4, 4)
+    small = torch.tensor([[1.0, 0], [0, 1]]).view(1, 1, 2, 2)
+    # pooled big = [[1, 3], [0, 2]]; A = squares [1, 9, 0, 4] / norm sqrt(98); small: [1, 0, 0, 1] / sqrt(2)
+    q_big = torch.tensor([1.0, 9, 0, 4]) / math.sqrt(98)
+    q_small = torch.tensor([1.0, 0, 0, 1]) / math.sqrt(2)
+    expected = (q_big - q_small).pow(2).mean()
+    assert at_loss(big, small, resize=True) == pytest.approx(float(expected), rel=1e-6)
+    assert at_loss(small, big, resize=True) == pytest.approx(float(expected), rel=1e-6)
+    term = ATLoss(student_layers=["a"], teacher_layers=["b"], resize=True)
+    term.setup(_ctx(term, [(2, 4, 8, 8)], [(2, 16, 4, 4)]))  # accepted with resize
+
+
 def test_one_by_one_pair_warns_it_is_constant() -> None:
     term = ATLoss(student_layers=["layer4"], teacher_layers=["layer4"])
     with pytest.warns(UserWarning, match="1×1"):

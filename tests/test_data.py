@@ -178,6 +178,22 @@ def test_cifar_splits_with_local_files(tmp_path: Path, monkeypatch: pytest.Monke
     assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])  # no augmentation outside train
 
 
+def test_cifar_val_size_zero_is_the_published_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """val_size=0: every official train image trains, and validation runs on the official test set (RepDistiller /
+    mdistiller protocol), without augmentation."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    _write_fake_cifar10(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path), val_size=0, batch_size=8)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (200, 30, 30)
+    assert torch.equal(dm.val_set[3][0], dm.test_set[3][0]) and dm.val_set[3][1] == dm.test_set[3][1]
+    assert dm.signature()["val_size"] == 0
+    with pytest.raises(ValueError, match="val_size must be 0"):
+        CIFAR10DataModule(root="somewhere", val_size=-1)
+
+
 def test_cifar_signature() -> None:
     sig = CIFAR10DataModule(root="somewhere").signature()
     assert sig["name"] == "cifar10" and sig["val_size"] == 5000

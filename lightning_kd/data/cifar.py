@@ -30,7 +30,9 @@ class CIFARDataModule(ClassificationDataModule):
     """Common implementation of the CIFAR datamodules (use a subclass).
 
     The official train set is split into train and a fixed, seeded, stratified hold-out of
-    ``val_size`` images (the val split); the official test set is the test split. Images are
+    ``val_size`` images (the val split); the official test set is the test split. ``val_size=0``
+    trains on all 50,000 images and validates on the test set: the protocol of the published
+    CIFAR-100 distillation tables (RepDistiller, mdistiller), which is not a clean hold-out. Images are
     resized to ``image_size`` when it is not 32 (``None`` keeps 32x32) and normalised with the
     dataset's per-channel statistics.
 
@@ -38,7 +40,8 @@ class CIFARDataModule(ClassificationDataModule):
         root: Folder containing the extracted dataset folder (``cifar-10-batches-py`` or
             ``cifar-100-python``); the download target when ``download`` is true.
         download: Download the data into ``root`` in :meth:`prepare_data` when absent.
-        val_size: Images held out from the official train set for validation.
+        val_size: Images held out from the official train set for validation; 0 validates on the
+            test set (published-protocol reproductions only).
         augment: Random crop (32, padding 4) and horizontal flip on the train split.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
@@ -72,10 +75,10 @@ class CIFARDataModule(ClassificationDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, seed=seed)
         self.num_classes = self.classes
         self.in_chans = 3
-        if not (self.num_classes <= val_size < CIFAR_TRAIN_SIZE):
+        if not (val_size == 0 or self.num_classes <= val_size < CIFAR_TRAIN_SIZE):
             raise ValueError(
-                f"val_size must be between {self.num_classes} (one image per class) and "
-                f"{CIFAR_TRAIN_SIZE - 1}, got {val_size}"
+                f"val_size must be 0 (validate on the test set) or between {self.num_classes} (one image per "
+                f"class) and {CIFAR_TRAIN_SIZE - 1}, got {val_size}"
             )
         self.root_arg = str(root)
         self.root = Path(root).expanduser().resolve()
@@ -147,6 +150,13 @@ class CIFARDataModule(ClassificationDataModule):
         official_train = self.dataset_cls(str(self.root), train=True, download=False)
         official_test = self.dataset_cls(str(self.root), train=False, download=False, transform=self._transform(False))
         targets = np.asarray(official_train.targets)
+        if self.val_size == 0:  # the published tables' protocol: all train images, validation on the test set
+            self.split_indices = {"train": np.arange(len(targets)), "val": np.arange(0)}
+            return (
+                TransformSubset(official_train, np.arange(len(targets)), self._transform(True)),
+                official_test,
+                official_test,
+            )
         train_idx, val_idx = train_test_split(
             np.arange(len(targets)), test_size=self.val_size, stratify=targets, random_state=self.seed
         )

@@ -32,8 +32,9 @@ Sources (checked):
 - szagoruyko/attention-transfer ``utils.py`` (lines 18–23 of commit 893df54, cited by torchdistill):
   ``at(x) = normalize(x.pow(2).mean(1).view(x.size(0), -1))`` and ``at_loss(x, y) = (at(x) - at(y)).pow(2).mean()``.
 - HobbitLong/RepDistiller ``distiller_zoo/AT.py``: ``Attention(p=2)``, ``at(f) = F.normalize(f.pow(p).mean(1).view(
-  B, -1))``, per-pair ``(at(f_s) - at(f_t)).pow(2).mean()`` (it average-pools the larger map when the resolutions
-  differ; we raise instead, see below); ``train_student.py``: ``g_s = feat_s[1:-1]`` (the residual groups, not the
+  B, -1))``, per-pair ``(at(f_s) - at(f_t)).pow(2).mean()``; when the resolutions differ it average-pools the larger
+  map to the smaller (mdistiller ``distillers/AT.py`` too): ours does so with ``resize=True`` and otherwise raises, so
+  that a mismatched pair is a choice, not an accident; ``train_student.py``: ``g_s = feat_s[1:-1]`` (the residual groups, not the
   stem nor the pooled embedding) and ``loss_kd = sum(loss_group)``; ``scripts/run_cifar_distill.sh``: AT runs with
   ``-b 1000`` (the CRD benchmark's β).
 - torchdistill 1.1.5 ``torchdistill.losses.mid_level.ATLoss`` (``mode='code'`` is the above; parity is tested).
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_kd.losses.base import DistillBatch, LayerPairs, LossTerm, SetupContext, register_loss
+from lightning_kd.losses.connectors import pool_to
 
 DEFAULT_LAYERS = ("stage:-4", "stage:-3", "stage:-2")
 
@@ -69,11 +71,17 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(a, p=2.0, dim=1)
 
 
-def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0, resize: bool = False) -> torch.Tensor:
     """AT loss of one pair (authors' code): mean over batch and positions of ``(Q(f_S) − Q(f_T))²``.
 
-    The channel counts may differ; the batch and spatial sizes must match.
+    The channel counts may differ; the batch and spatial sizes must match unless ``resize``, which adaptive-average-
+    pools the larger map to the smaller one's H×W first (RepDistiller / mdistiller ``at_loss``).
     """
+    if resize and f_s.dim() == 4 and f_t.dim() == 4 and f_s.shape[2:] != f_t.shape[2:]:
+        if f_s.shape[2] * f_s.shape[3] > f_t.shape[2] * f_t.shape[3]:
+            f_s = pool_to(f_s, f_t.shape[2:])
+        else:
+            f_t = pool_to(f_t, f_s.shape[2:])
     if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
         raise ValueError(
             f"at_loss: student map {tuple(f_s.shape)} and teacher map {tuple(f_t.shape)} differ in batch or spatial "
@@ -91,6 +99,8 @@ class ATLoss(LossTerm):
         student_layers: student taps, one per pair (module path, ``path:input`` or ``stage:N``).
         teacher_layers: teacher taps, same length and order; each pair must have the same spatial size.
         p: exponent of the attention map ``mean_c |f_c|^p`` (the paper and the reference code use 2).
+        resize: allow pairs of different H×W: the larger map is average-pooled to the smaller (RepDistiller's
+            behaviour, needed for cross-architecture pairs such as resnet32x4 → ShuffleNetV2).
 
     ``forward`` returns a dict ``{student tap: pair loss}`` (logged as ``train/at/<tap>``), whose sum is the loss.
     """
@@ -101,6 +111,7 @@ class ATLoss(LossTerm):
         student_layers: Sequence[str] = DEFAULT_LAYERS,
         teacher_layers: Sequence[str] = DEFAULT_LAYERS,
         p: float = 2.0,
+        resize: bool = False,
     ) -> None:
         super().__init__(weight)
         self.layers = LayerPairs.parse("at", student_layers, teacher_layers)
@@ -109,6 +120,7 @@ class ATLoss(LossTerm):
         if not (math.isfinite(p) and p > 0):
             raise ValueError(f"at: p must be a finite positive number, got {p}")
         self.p = p
+        self.resize = bool(resize)
 
     def setup(self, ctx: SetupContext) -> None:
         for _, s_tap, t_tap in self.layers:
@@ -118,13 +130,14 @@ class ATLoss(LossTerm):
                     f"at: pair student '{s_tap}' {s_shape} / teacher '{t_tap}' {t_shape}: attention transfer needs "
                     "feature maps [B, C, H, W]; pick convolutional stages, not embeddings"
                 )
-            if s_shape[2:] != t_shape[2:]:
+            if s_shape[2:] != t_shape[2:] and not self.resize:
                 raise ValueError(
                     f"at: spatial sizes differ for the pair student '{s_tap}' {s_shape} / teacher '{t_tap}' "
                     f"{t_shape} (H×W {s_shape[2:]} vs {t_shape[2:]}). Pick stages of equal resolution in "
-                    "student_layers / teacher_layers (e.g. the same 'stage:N' for two ResNets)"
+                    "student_layers / teacher_layers (e.g. the same 'stage:N' for two ResNets), or set resize: true to pool the "
+                    "larger map to the smaller"
                 )
-            if math.prod(s_shape[2:]) == 1:
+            if min(math.prod(s_shape[2:]), math.prod(t_shape[2:])) == 1:
                 warnings.warn(
                     f"at: the pair student '{s_tap}' / teacher '{t_tap}' has 1×1 maps, whose attention map is "
                     "constant: it always contributes zero. Pick an earlier stage or a larger input",
@@ -132,8 +145,11 @@ class ATLoss(LossTerm):
                 )
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
-        return {name: at_loss(batch.student[s_tap], batch.teacher[t_tap], self.p) for name, s_tap, t_tap in self.layers}
+        return {
+            name: at_loss(batch.student[s_tap], batch.teacher[t_tap], self.p, self.resize)
+            for name, s_tap, t_tap in self.layers
+        }
 
     def extra_repr(self) -> str:
         pairs = ", ".join(f"{s}->{t}" for _, s, t in self.layers)
-        return f"weight={self.weight}, p={self.p}, pairs=[{pairs}]"
+        return f"weight={self.weight}, p={self.p}, resize={self.resize}, pairs=[{pairs}]"
