@@ -4,6 +4,10 @@ One engine (:class:`DistillEngine`: layer taps + loss terms + a frozen teacher),
 :class:`DistillationModule` for a student and a teacher, :class:`DistillCallback` for an existing LightningModule.
 """
 
+from lightning_kd._lazy import import_timm
+
+import_timm()  # timm without its import-time "import wandb": only logger=wandb pays for wandb (about 1 s)
+
 from lightning_kd import zoo  # noqa: F401  (registers the CIFAR zoo in timm)
 from lightning_kd.callback import DistillCallback, student_state_dict
 from lightning_kd.engine import DistillEngine, NonFiniteLossError, build_terms, unpack_batch

@@ -40,10 +40,11 @@ CALLBACK_GROUPS = ("augment", "teacher_cache", "averaging")
 # Pieces
 # --------------------------------------------------------------------------------------------------------------------
 def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool, extra: tuple[Any, ...] = ()) -> L.Trainer:
-    """A ``lightning.Trainer`` from ``cfg.trainer`` with a CSV logger, a progress bar, atomic checkpoints and the
-    ``extra`` callbacks."""
+    """A ``lightning.Trainer`` from ``cfg.trainer`` with the loggers of the ``logger`` group (writing under
+    ``out_dir``; see :mod:`lightning_kd.loggers`), a progress bar, atomic checkpoints and the ``extra`` callbacks."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_kd.loggers import build_loggers
 
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     callbacks: list[Any] = list(extra)
@@ -66,23 +67,28 @@ def make_trainer(cfg: DictConfig, out_dir: Path, *, checkpoints: bool, extra: tu
     return L.Trainer(
         **kwargs,
         default_root_dir=str(out_dir),
-        logger=CSVLogger(str(out_dir), name="logs", version=""),
+        logger=build_loggers(cfg, out_dir) or False,
         callbacks=callbacks,
         enable_checkpointing=checkpoints,
         enable_progress_bar=bar != "none",
     )
 
 
-def evaluate(model: nn.Module, datamodule: L.LightningDataModule, teacher: nn.Module | None = None) -> dict[str, float]:
-    """Top-1 accuracy of ``model`` on the test split (plain loop, eval mode, no grad) and, with a ``teacher``, the
-    teacher–student top-1 agreement."""
+def evaluate(
+    model: nn.Module, datamodule: L.LightningDataModule, teacher: nn.Module | None = None, split: str = "test"
+) -> dict[str, float]:
+    """Top-1 accuracy of ``model`` on the ``split`` split (``"test"`` or ``"val"``; plain loop, eval mode, no grad)
+    and, with a ``teacher``, the teacher–student top-1 agreement."""
+    if split not in ("test", "val"):
+        raise ValueError(f"evaluate: split must be 'test' or 'val', got {split!r}")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     device = next(model.parameters()).device
     correct = agree = total = 0
     model.eval()
     if teacher is not None:
         teacher.eval().to(device)
     with torch.no_grad():
-        for inputs, targets, *_ in datamodule.test_dataloader():
+        for inputs, targets, *_ in loader:
             logits = model(inputs.to(device))
             correct += int((logits.argmax(-1).cpu() == targets).sum())
             if teacher is not None:
@@ -109,9 +115,16 @@ def with_epochs(cfg: DictConfig, max_epochs: int) -> DictConfig:
     return copy
 
 
+def scheduler_of(cfg: DictConfig) -> Any:
+    """``cfg.scheduler`` as :class:`ClassifierModule` takes it: ``"cosine"``, ``None``, or a Hydra node
+    (``_target_`` + ``_partial_: true``) instantiated into a factory ``optimizer -> LRScheduler``."""
+    node = cfg.scheduler
+    return instantiate(node) if isinstance(node, DictConfig) else node
+
+
 def classifier_module(cfg: DictConfig, model: nn.Module) -> ClassifierModule:
     """``model`` in a :class:`ClassifierModule` with the configured optimizer, scheduler and label smoothing."""
-    return ClassifierModule(model, instantiate(cfg.optimizer), cfg.scheduler, cfg.label_smoothing)
+    return ClassifierModule(model, instantiate(cfg.optimizer), scheduler_of(cfg), cfg.label_smoothing)
 
 
 def train_classifier(cfg: DictConfig, model: nn.Module, datamodule: Any, out_dir: Path, max_epochs: int) -> None:
@@ -130,11 +143,16 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any, out_dir: Path) -> tuple[nn.
         return teacher, {"teacher_source": source}
     epochs = int(cfg.teacher_epochs)
     store = TeacherStore(cfg.cache_dir)
+    cfg = teacher_recipe(cfg)
     key = {
         "data": datamodule.signature(),
         "seed": int(cfg.seed),
         "epochs": epochs,
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)
+        if isinstance(cfg.scheduler, DictConfig)
+        else cfg.scheduler,
+        "label_smoothing": float(cfg.label_smoothing),
         "kwargs": OmegaConf.to_container(cfg.teacher.kwargs, resolve=True),
     }
     path = store.path(cfg.teacher.name, key)
@@ -154,6 +172,19 @@ def obtain_teacher(cfg: DictConfig, datamodule: Any, out_dir: Path) -> tuple[nn.
     store.save(teacher.cpu(), cfg.teacher.name, key, {"num_classes": num_classes})
     log.info("teacher: trained and stored at %s", path)
     return teacher, {"teacher_source": f"teacher store (trained now): {path}"}
+
+
+def teacher_recipe(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the teacher's optimizer: ``optimizer`` updated by the keys of ``teacher_optimizer`` (e.g.
+    ``teacher_optimizer.lr=0.05`` while MobileNet/ShuffleNet students train at ``optimizer.lr=0.01``, as in the
+    RepDistiller protocol). An empty or absent ``teacher_optimizer`` leaves ``cfg`` as it is."""
+    override = cfg.get("teacher_optimizer")
+    if not override:
+        return cfg
+    copy = cfg.copy()
+    OmegaConf.set_struct(copy, False)
+    copy.optimizer = OmegaConf.merge(cfg.optimizer, override)
+    return copy
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -209,6 +240,7 @@ def run_distill(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, An
         "student": cfg.model.name,
         "loss": ",".join(distill.engine.terms),
         "student_acc": scores["acc"],
+        "student_val_acc": evaluate(predictor, datamodule, split="val")["acc"],
         "agreement": scores["agreement"],
         **fit_report(trainer, out_dir),
     }
@@ -218,11 +250,11 @@ def run_distill(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, An
 
 
 def fit_report(trainer: L.Trainer, out_dir: Path) -> dict[str, str]:
-    """Where a fit left its checkpoint and its logs."""
-    return {
-        "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
-        "logs": str(Path(trainer.logger.log_dir) / "metrics.csv") if trainer.logger is not None else "",
-    }
+    """Where a fit left its checkpoint and its logs (:func:`lightning_kd.loggers.logs_location`: CSV's
+    ``metrics.csv``, TensorBoard's directory, the W&B run)."""
+    from lightning_kd.loggers import logs_location
+
+    return {"checkpoint": str(out_dir / "checkpoints" / "last.ckpt"), "logs": logs_location(trainer.loggers)}
 
 
 def train_baseline(cfg: DictConfig, datamodule: Any, out_dir: Path) -> float:
@@ -236,6 +268,14 @@ def train_baseline(cfg: DictConfig, datamodule: Any, out_dir: Path) -> float:
 def summary_rows(results: dict[str, Any]) -> Iterable[tuple[str, Any]]:
     """Extra ``(name, value)`` rows a strategy put in ``results['rows']``."""
     return [tuple(row) for row in results.get("rows", [])]
+
+
+def published_rows(results: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The published top-1 (%) an ``experiment=`` run is compared with (its ``published`` node), if any."""
+    published = results.get("published") or {}
+    labels = {"top1": "published student top-1 (%)", "teacher": "published teacher top-1 (%)",
+              "student": "published student alone top-1 (%)"}  # fmt: skip
+    return [(label, published[key]) for key, label in labels.items() if key in published]
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -252,9 +292,11 @@ def print_summary(results: dict[str, Any]) -> None:
         ("loss", results.get("loss", "")),
         ("teacher accuracy", results.get("teacher_acc")),
         ("student accuracy", results.get("student_acc")),
+        ("student accuracy (validation split)", results.get("student_val_acc")),
         ("teacher-student agreement", results.get("agreement")),
         ("baseline accuracy (no KD)", results.get("baseline_acc")),
         *summary_rows(results),
+        *published_rows(results),
         ("wall time", f"{results['wall_s']:.1f} s"),
         ("checkpoint", results.get("checkpoint")),
         ("logs", results.get("logs")),

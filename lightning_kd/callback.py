@@ -20,9 +20,15 @@ autocast as the student:
 Because the sum is what ``training_step`` returns, Lightning treats it like the user's loss: the precision plugin
 scales it (``16-mixed``'s grad scaler), it is divided by ``accumulate_grad_batches``, DDP reduces its gradients once.
 
-Several callbacks: give each a distinct ``name`` (an error says so otherwise); each logs under ``train/<name>/`` and
-keeps its own state key. The wrappers nest; each callback's ``task_weight`` applies to the user's loss only (so the
-user's loss is scaled by the product of the ``task_weight``\ s), never to another callback's terms.
+**Validation.** While fitting, each validation batch's student logits are read from the student's logits tap (the
+taps record from ``on_validation_batch_start`` to ``on_validation_batch_end``), the teacher runs on the batch, and
+the student's top-1 agreement with it (``val/agreement``) and its expected calibration error (``val/ece``) are
+logged, as :class:`~lightning_kd.module.DistillationModule` does (:meth:`DistillEngine.log_validation`).
+
+Several callbacks: give each a distinct ``name`` (an error says so otherwise); each logs under ``train/<name>/``
+(and ``val/<name>/``) and keeps its own state key. The wrappers nest; each callback's ``task_weight`` applies to the
+user's loss only (so the user's loss is scaled by the product of the ``task_weight``\ s), never to another
+callback's terms.
 
 Supported ``training_step`` returns: a loss tensor, or a dict with a ``"loss"`` key (the other keys are kept).
 Manual optimization is refused at ``setup``; a ``training_step`` that returns ``None`` is refused at its first step.
@@ -46,7 +52,7 @@ from torch import nn
 from lightning_kd.engine import DistillEngine, LossSpec, eval_mode, split_targets, unpack_batch
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.models import create_model, load_model_file, load_weights
-from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps
+from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps, TapError
 from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
 _ATTR_PREFIX = f"{INTERNAL_PREFIX}engine"
@@ -109,6 +115,10 @@ class DistillCallback(Callback):
     @property
     def _log_prefix(self) -> str:
         return f"train/{self.name}/" if self.name else "train/"
+
+    @property
+    def _val_prefix(self) -> str:
+        return f"val/{self.name}/" if self.name else "val/"
 
     # -- checkpoint state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -210,6 +220,42 @@ class DistillCallback(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
+
+    # -- validation metrics ------------------------------------------------------------------------------------------
+    def _validation_taps(self, trainer: L.Trainer) -> LayerTaps | None:
+        """The student taps, while fitting (the validation loop of ``fit``; taps are installed in ``setup``)."""
+        engine = self.engine
+        if engine is None or engine.student_taps is None or not engine.student_taps.attached:
+            return None
+        return engine.student_taps if trainer.state.fn == "fit" else None
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        taps = self._validation_taps(trainer)
+        if taps is not None:
+            taps.start()  # record the student's logits during the module's validation_step
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        taps = self._validation_taps(trainer)
+        if taps is None:
+            return
+        taps.stop()
+        assert self.engine is not None and self.engine.student_logits is not None
+        try:
+            logits = taps.pop()[self.engine.student_logits]
+        except TapError:  # this validation_step did not run the student: nothing to compare
+            return
+        with trainer.precision_plugin.forward_context():  # the teacher under the student's precision
+            self.engine.log_validation(pl_module, logits, batch, prefix=self._val_prefix)
 
     # -- loss injection ----------------------------------------------------------------------------------------------
     def _wrap_training_step(self, pl_module: L.LightningModule) -> None:

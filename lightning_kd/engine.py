@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
+from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_kd.losses.base import (
     STUDENT,
@@ -35,6 +36,16 @@ from lightning_kd.losses.base import (
 from lightning_kd.taps import LOGITS, LayerTaps, TapSpec
 
 LossSpec = str | LossTerm | Mapping[str, Any] | Sequence[Any]
+
+#: Expected calibration error: the usual 15 equal-width confidence bins, L1 norm (Guo et al., ICML 2017, "On
+#: Calibration of Modern Neural Networks"; torchmetrics ``MulticlassCalibrationError``).
+ECE_BINS = 15
+
+
+def calibration_error(num_classes: int) -> MulticlassCalibrationError:
+    """A fresh ECE metric over ``num_classes`` classes (:data:`ECE_BINS` bins, L1); update it with softmax
+    probabilities ``[B, C]`` and class labels ``[B]``."""
+    return MulticlassCalibrationError(int(num_classes), n_bins=ECE_BINS, norm="l1")
 
 
 class TeacherOutputSource(Protocol):
@@ -230,6 +241,8 @@ class DistillEngine(nn.Module):
         #: where training steps may read the teacher's outputs instead of running it (a
         #: :class:`~lightning_kd.strategies.teacher_cache.TeacherOutputCache` installs itself here), or ``None``.
         self.output_cache: TeacherOutputSource | None = None
+        #: the student's validation ECE (:meth:`log_validation`), built by :meth:`setup` once the class count is known.
+        self.val_calibration: MulticlassCalibrationError | None = None
 
     # -- taps --------------------------------------------------------------------------------------------------------
     def _requested(self, side: str) -> list[TapSpec]:
@@ -328,6 +341,7 @@ class DistillEngine(nn.Module):
         ctx = SetupContext(s_out, t_out, student, self.teacher, int(n_s), num_samples)
         for term in self.terms.values():
             term.setup(ctx)
+        self.val_calibration = calibration_error(int(n_s))
         self.is_setup = True
 
     def prepare(self, batches: Iterable[Any], device: torch.device | str) -> None:
@@ -348,6 +362,29 @@ class DistillEngine(nn.Module):
         if len(found) > 1:
             raise ValueError(f"terms {sorted(found)} each replace the student's predictions; keep only one of them")
         return next(iter(found.values()), None)
+
+    # -- validation -------------------------------------------------------------------------------------------------
+    def log_validation(self, module: Any, student_logits: torch.Tensor, batch: Any, prefix: str = "val/") -> None:
+        """Log on ``module`` (a LightningModule, from its ``validation_step`` or a callback's validation-batch hook)
+        the student's top-1 agreement with the teacher (``<prefix>agreement``, averaged over the epoch) and its
+        expected calibration error (``<prefix>ece``, :func:`calibration_error` accumulated over the epoch).
+
+        The teacher runs on the batch's inputs (eval mode, no grad, without taps). ECE needs class labels and the
+        metric built by :meth:`setup`; without them only the agreement is logged. Both faces call this:
+        :class:`~lightning_kd.module.DistillationModule` and :class:`~lightning_kd.callback.DistillCallback`.
+        """
+        inputs, targets, _ = unpack_batch(batch)
+        logits = as_logits(student_logits).detach()
+        teacher = self.run_teacher(inputs, with_features=False).logits
+        module.log(f"{prefix}agreement", agreement(logits, teacher), sync_dist=True)
+        labels, _ = split_targets(targets)
+        metric = self.val_calibration
+        if labels is None or metric is None:
+            return
+        metric.update(logits.float().softmax(-1), labels)
+        # the metric's attribute path, so that Lightning finds it even if it indexed the module's metrics earlier
+        name = next((n for n, m in module.named_modules() if m is metric), None)
+        module.log(f"{prefix}ece", metric, metric_attribute=name)
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def forward(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -390,6 +427,7 @@ def check_finite_task_loss(value: torch.Tensor, name: str, step: int) -> None:
 
 
 __all__ = [
+    "ECE_BINS",
     "LOGITS",
     "ClassCountMismatchError",
     "DistillEngine",
@@ -397,6 +435,7 @@ __all__ = [
     "agreement",
     "as_logits",
     "build_terms",
+    "calibration_error",
     "ensemble_members",
     "eval_mode",
     "freeze",

@@ -30,6 +30,7 @@ from lightning_kd.losses.base import DistillBatch
 from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class ClassifierModule(L.LightningModule):
@@ -39,7 +40,9 @@ class ClassifierModule(L.LightningModule):
         model: the network (any ``nn.Module`` returning logits).
         optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``); default SGD(0.05, momentum 0.9,
             weight decay 5e-4).
-        scheduler: ``"cosine"`` (per step, over the whole fit) or ``None``.
+        scheduler: ``"cosine"`` (cosine annealing per step, over the whole fit), ``None`` (constant learning rate),
+            or a factory ``optimizer -> LRScheduler`` (Hydra ``_partial_: true``, e.g. ``MultiStepLR`` with
+            ``milestones=[150, 180, 210]``), stepped once per epoch (Lightning's default interval).
         label_smoothing: for the cross-entropy.
     """
 
@@ -47,17 +50,22 @@ class ClassifierModule(L.LightningModule):
         self,
         model: nn.Module,
         optimizer: OptimizerFactory | None = None,
-        scheduler: str | None = "cosine",
+        scheduler: str | SchedulerFactory | None = "cosine",
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
-        if scheduler not in (None, "cosine"):
-            raise ValueError(f"scheduler must be 'cosine' or null, got {scheduler!r}")
+        if not (scheduler is None or scheduler == "cosine" or callable(scheduler)):
+            raise ValueError(
+                f"scheduler must be 'cosine', null or a factory optimizer -> LRScheduler (a Hydra node with "
+                f"_target_ and _partial_: true), got {scheduler!r}"
+            )
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
-        self.save_hyperparameters(ignore=["model", "student", "teacher", "optimizer", "loss"])
+        # Factories are code, not hyperparameters: kept out so checkpoints load with weights_only=True.
+        ignore = ["model", "student", "teacher", "optimizer", "loss"] + (["scheduler"] if callable(scheduler) else [])
+        self.save_hyperparameters(ignore=ignore)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -96,6 +104,9 @@ class ClassifierModule(L.LightningModule):
             optimizer = self.optimizer_factory(params)
         if self.scheduler is None:
             return optimizer
+        if callable(self.scheduler):
+            per_epoch = {"scheduler": self.scheduler(optimizer), "interval": "epoch"}
+            return {"optimizer": optimizer, "lr_scheduler": per_epoch}
         total = max(1, max_steps_of(self.trainer))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -186,6 +197,13 @@ class DistillationModule(ClassifierModule):
         self.log("train/ce", ce, prog_bar=True)
         self.log_dict({**logs, "train/loss": loss.detach()})
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Validation accuracy and loss, the student's top-1 agreement with the teacher (``val/agreement``) and its
+        expected calibration error (``val/ece``; see :meth:`DistillEngine.log_validation`)."""
+        logits = self._evaluate(batch, "val")
+        if self.engine.is_setup:
+            self.engine.log_validation(self, logits, batch)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Test accuracy and teacher–student top-1 agreement (``test/agreement``)."""

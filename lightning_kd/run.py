@@ -11,7 +11,10 @@ who teaches whom; the pieces they share are in :mod:`lightning_kd.app`). The def
    student is a plain :class:`~lightning_kd.module.ClassifierModule` and the distillation is added by
    :class:`~lightning_kd.callback.DistillCallback`, the same callback a user drops into their own project;
 3. optionally trains the student without distillation on the same seed (``baseline=true``);
-4. prints a table and writes ``results.json`` in the run directory (accuracies are fractions on the test split).
+4. prints a table and writes ``results.json`` in the run directory (accuracies are fractions on the test split,
+   except ``student_val_acc``, the student's on the validation split: the objective of hyperparameter searches).
+
+Loggers: ``logger=csv`` (default), ``tensorboard``, ``wandb`` or a list (:mod:`lightning_kd.loggers`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_kd.app import print_summary, write_json_atomic
 from lightning_kd.config import CONF_DIR, register_model_configs
+from lightning_kd.loggers import job_logging, log_results
+from lightning_kd.multirun import is_global_zero, job_command_line
 
 STAGES = ("all", "teacher", "student")
 
@@ -66,23 +71,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runner = strategy_runner(str(cfg.strategy.name))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
     out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    results = {"strategy": str(cfg.strategy.name), **runner(cfg, datamodule, out_dir)}
-    results["wall_s"] = time.perf_counter() - start
-    results["results"] = str(out_dir / "results.json")
-    write_json_atomic(out_dir / "results.json", results)
-    print_summary(results)
+    with job_logging(cfg, out_dir):  # the loggers' job: one W&B run, finished also when the job fails
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        with job_command_line():  # DDP children of a multirun job join this job instead of re-running the sweep
+            results = {"strategy": str(cfg.strategy.name), **runner(cfg, datamodule, out_dir)}
+        if cfg.get("published"):  # experiment=...: the published numbers this run is compared with
+            results["published"] = OmegaConf.to_container(cfg.published, resolve=True)
+        results["wall_s"] = time.perf_counter() - start
+        results["results"] = str(out_dir / "results.json")
+        if is_global_zero():  # under DDP every rank runs the job; one writes and prints
+            write_json_atomic(out_dir / "results.json", results)
+            log_results(cfg, results, out_dir / "results.json")
+            print_summary(results)
     return results
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the student's test accuracy (the objective of sweeps)."""
+    """Hydra entry point; returns the student's accuracy on the validation split, ``student_val_acc`` (the
+    objective of ``hparams_search=`` studies and the metric of the W&B sweeps in ``conf/sweep/``: hyperparameters are
+    chosen on validation data, never on the test split), or ``None`` when no student was trained
+    (``stage=teacher``)."""
     results = train(cfg)
-    return results.get("student_acc")
+    return results.get("student_val_acc")
 
 
 register_model_configs()

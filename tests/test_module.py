@@ -118,3 +118,28 @@ def test_task_weight_defaults_to_zero_when_a_term_replaces_the_label_loss() -> N
     assert DistillationModule(tiny(), tiny(), loss="pld").task_weight == 0.0  # PLD contains the label term
     assert DistillationModule(tiny(), tiny(), loss="simkd").task_weight == 0.0  # SimKD trains without CE
     assert DistillationModule(tiny(), tiny(), loss="pld", task_weight=0.5).task_weight == 0.5  # explicit wins
+
+
+def test_scheduler_factory_steps_per_epoch_and_stays_out_of_checkpoints(tmp_path) -> None:
+    """A Hydra-partial scheduler (the CIFAR protocol's MultiStepLR) is stepped once per epoch; the factory is not
+    saved as a hyperparameter, so the checkpoint still loads with weights_only=True."""
+    from functools import partial
+
+    from lightning_kd.module import ClassifierModule
+
+    lrs = []
+
+    class Lr(Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    factory = partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[1, 2], gamma=0.1)
+    module = ClassifierModule(tiny(), partial(torch.optim.SGD, lr=0.5), scheduler=factory)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = fast_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[Lr(), ckpt_cb])
+    trainer.fit(module, make_loader(n=16))
+    assert lrs == pytest.approx([0.5, 0.05, 0.005])
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "scheduler" not in ckpt["hyper_parameters"]
+    with pytest.raises(ValueError, match="scheduler must be"):
+        ClassifierModule(tiny(), scheduler="step")

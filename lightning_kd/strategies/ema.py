@@ -573,6 +573,7 @@ def run_app(cfg: Any, datamodule: Any, out_dir: Path) -> dict[str, Any]:
         "student": cfg.model.name,
         "loss": ",".join(callback.engine.terms),
         "student_acc": scores["acc"],
+        "student_val_acc": evaluate(student, datamodule, split="val")["acc"],
         "agreement": scores["agreement"],
         "rows": rows,
         **fit_report(trainer, out_dir),

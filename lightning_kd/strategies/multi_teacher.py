@@ -52,6 +52,7 @@ from torch import nn
 from lightning_kd.app import (
     build_model,
     classifier_module,
+    evaluate,
     fit_report,
     make_trainer,
     obtain_teacher,
@@ -382,6 +383,7 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
         "combine": cfg.strategy.combine,
         "loss": ",".join(distill.engine.terms),
         "student_acc": scores["student_acc"],
+        "student_val_acc": evaluate(predictor, datamodule, split="val")["acc"],
         "agreement": scores["agreement"],
         "member_agreement": scores["member_agreement"],
         **fit_report(trainer, out_dir),

@@ -58,7 +58,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_kd.engine import (
     ClassCountMismatchError,
@@ -66,6 +65,7 @@ from lightning_kd.engine import (
     LossSpec,
     agreement,
     as_logits,
+    calibration_error,
     check_finite_task_loss,
     eval_mode,
     split_targets,
@@ -75,8 +75,6 @@ from lightning_kd.losses.base import DistillBatch, ModelOutputs, SetupContext, c
 from lightning_kd.module import ClassifierModule, OptimizerFactory
 from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs
 
-#: ECE settings (the usual 15 equal-width confidence bins, L1 norm).
-ECE_BINS = 15
 STAGES = ("val", "test")
 
 
@@ -121,7 +119,7 @@ class MutualDistillationModule(ClassifierModule):
         distill_weights: Mapping[str, float] | None = None,
         peer_loss: Mapping[str, LossSpec] | None = None,
         optimizer: OptimizerFactory | None = None,
-        scheduler: str | None = "cosine",
+        scheduler: Any = "cosine",
         label_smoothing: float = 0.0,
         num_classes: int | None = None,
         primary: str | None = None,
@@ -172,12 +170,7 @@ class MutualDistillationModule(ClassifierModule):
     def _build_metrics(self, num_classes: int) -> None:
         self.num_classes = int(num_classes)
         self.calibration = nn.ModuleDict(
-            {
-                stage: nn.ModuleDict(
-                    {n: MulticlassCalibrationError(self.num_classes, n_bins=ECE_BINS, norm="l1") for n in self.names}
-                )
-                for stage in STAGES
-            }
+            {stage: nn.ModuleDict({n: calibration_error(self.num_classes) for n in self.names}) for stage in STAGES}
         )
 
     @property
@@ -420,9 +413,11 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     from lightning_kd.app import (
         build_model,
         check_single_fit,
+        evaluate,
         fit_report,
         make_trainer,
         option_callbacks,
+        scheduler_of,
         train_baseline,
     )
     from lightning_kd.models import save_model_file
@@ -446,7 +441,7 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
         distill_weights=_plain(strategy.get("distill_weights")),
         peer_loss=_plain(strategy.get("peer_terms")),
         optimizer=instantiate(cfg.optimizer),
-        scheduler=cfg.scheduler,
+        scheduler=scheduler_of(cfg),
         label_smoothing=cfg.label_smoothing,
         num_classes=num_classes,
         primary=export,
@@ -472,6 +467,7 @@ def run_app(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
         "student": f"{export} = {peers[export].name}",
         "loss": ",".join(module.engines[export].terms),
         "student_acc": acc[export],
+        "student_val_acc": evaluate(module.export(export), datamodule, split="val")["acc"],
         "agreement": float(scores[f"test/{export}/agreement/{teacher}"]),
         "exported": str(path),
         **{f"acc/{n}": acc[n] for n in names},
