@@ -16,8 +16,12 @@ Regime (chosen so that plain KD clearly beats CE-only):
   initialisation and data order);
 - metrics on the 270-image test split: top-1 and teacher–student top-1 agreement; wall time per run.
 
-Writes ``benchmarks/results/quality.md`` and ``quality.png`` (bar plot, needs matplotlib: ``pip install -e
-".[bench]"``). Last line: ``RESULT methods=<n> beat_ce=<k>`` (k = methods whose mean top-1 ≥ the CE-only mean).
+Writes ``benchmarks/results/quality.md`` and ``quality.png`` (a bar plot of the table's top-1 column, same order; needs
+matplotlib: ``pip install -e ".[bench]"``). Last line: ``RESULT methods=<n> beat_ce=<k>`` (k = methods whose mean
+top-1 ≥ the CE-only mean).
+
+    python benchmarks/quality.py | tee benchmarks/results/quality.txt
+    python benchmarks/quality.py --smoke      # seconds: kd only, 1 seed, 1 epoch of 2 batches, temporary folder
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from lightning_kd.data.base import IndexedDataset
 from lightning_kd.engine import NonFiniteLossError
 from lightning_kd.module import ClassifierModule
 
-RESULTS = Path(__file__).resolve().parent / "results"
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import output_dir
+
 TEACHER = {"channels": (32, 64, 128, 256), "stem_width": 32, "output_stride": 16}
 STUDENT = {"channels": (8, 16, 32, 64), "stem_width": 8, "output_stride": 16}
 
@@ -60,9 +67,11 @@ def optimizer(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def trainer(epochs: int) -> L.Trainer:
+def trainer(epochs: int, batches: int | None = None) -> L.Trainer:
+    """``batches``: training batches per epoch (``limit_train_batches``), all by default."""
     return L.Trainer(
         max_epochs=epochs,
+        limit_train_batches=batches,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -102,7 +111,9 @@ def evaluate(model: torch.nn.Module, teacher: torch.nn.Module, test: DataLoader)
     return correct / total, agree / total
 
 
-def run_method(method: str, seed: int, teacher, part: DataLoader, test: DataLoader, epochs: int) -> tuple:
+def run_method(
+    method: str, seed: int, teacher, part: DataLoader, test: DataLoader, epochs: int, batches: int | None = None
+) -> tuple:
     L.seed_everything(seed, workers=True)
     student = make_model(STUDENT, seed)
     if method == "ce":
@@ -112,7 +123,7 @@ def run_method(method: str, seed: int, teacher, part: DataLoader, test: DataLoad
         module = DistillationModule(student, teacher, cfg["terms"], cfg["task_weight"], optimizer)
     start = time.perf_counter()
     try:
-        trainer(epochs).fit(module, part)
+        trainer(epochs, batches).fit(module, part)
     except NonFiniteLossError as err:  # reported as a diverged run, not hidden
         return None, None, time.perf_counter() - start, str(err).split(".")[0]
     wall = time.perf_counter() - start
@@ -132,7 +143,7 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def write_plot(rows: list[tuple[str, list[float]]], ce_mean: float, path: Path) -> str:
+def write_plot(rows: list[tuple[str, list[float]]], ce_mean: float, path: Path, fraction: float) -> str:
     try:
         import matplotlib
 
@@ -153,23 +164,32 @@ def write_plot(rows: list[tuple[str, list[float]]], ce_mean: float, path: Path) 
     ax.set_ylim(max(0, min(m for m in means if m > 0) - 10), 100)
     ax.tick_params(axis="x", rotation=60)
     ax.legend(loc="lower right")
-    ax.set_title("Distillation on digits: student sees 20% of the labels (mean ± std over seeds; 0 = diverged)")
+    ax.set_title(
+        f"Distillation on digits: student sees {fraction:.0%} of the labels (mean ± std over seeds; 0 = diverged)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot: {path}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", help="loss config names (default: every conf/loss/*.yaml)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--label-fraction", type=float, default=0.2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="folder of quality.md/.png (default benchmarks/results)")
+    parser.add_argument("--batches", type=int, default=None, help="training batches per epoch (default: all)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="kd only, 1 seed, 1 epoch of 2 batches; output in a temporary folder"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.methods, args.seeds, args.epochs, args.batches = args.methods or ["kd"], 1, 1, 2
+    args.out = output_dir(args.out, args.smoke)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1 if args.smoke else (os.cpu_count() or 1))  # smoke: robust on a loaded machine
     methods = args.methods or sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
     full, part, test, n_student = loaders(args.label_fraction)
     print(
@@ -181,7 +201,7 @@ def main() -> None:
     start = time.perf_counter()
     teacher = make_model(TEACHER, 0)
     L.seed_everything(0, workers=True)
-    trainer(args.epochs).fit(ClassifierModule(teacher, optimizer), full)
+    trainer(args.epochs, args.batches).fit(ClassifierModule(teacher, optimizer), full)
     teacher.eval()
     t_acc, _ = evaluate(teacher, teacher, test)
     n_t = sum(p.numel() for p in teacher.parameters())
@@ -196,7 +216,7 @@ def main() -> None:
     for method in ["ce", *methods]:
         accs, agrees, walls = [], [], []
         for seed in range(args.seeds):
-            acc, agree, wall, failure = run_method(method, seed, teacher, part, test, args.epochs)
+            acc, agree, wall, failure = run_method(method, seed, teacher, part, test, args.epochs, args.batches)
             walls.append(wall)
             if failure is None:
                 accs.append(acc), agrees.append(agree)
@@ -217,12 +237,14 @@ def main() -> None:
     lines = [
         "# Distillation quality on digits",
         "",
-        f"Generated by `python benchmarks/quality.py` ({args.seeds} seeds, {args.epochs} epochs, label fraction "
-        f"{args.label_fraction:.0%}) on {os.cpu_count()} CPU cores, torch {torch.__version__}. Regime: see the "
-        "script's docstring — teacher timm resnet18 topology (output stride 16) at widths 32-64-128-256 trained on all 1,257 training "
-        f"images ({n_t / 1e6:.2f} M params, test top-1 {100 * t_acc:.1f} %); student the same topology at widths "
-        f"8-16-32-64 ({n_s / 1e6:.3f} M params) trained on {n_student} of them; every method with the defaults of "
-        "its `conf/loss/*.yaml` (not tuned for digits). Test split: 270 images.",
+        (
+            f"Generated by `python benchmarks/quality.py` ({args.seeds} seeds, {args.epochs} epochs, label fraction "
+            f"{args.label_fraction:.0%}) on {os.cpu_count()} CPU cores, torch {torch.__version__}. Regime: see the "
+            "script's docstring — teacher timm resnet18 topology (output stride 16) at widths 32-64-128-256 trained on all 1,257 training "
+            f"images ({n_t / 1e6:.2f} M params, test top-1 {100 * t_acc:.1f} %); student the same topology at widths "
+            f"8-16-32-64 ({n_s / 1e6:.3f} M params) trained on {n_student} of them; every method with the defaults of "
+            "its `conf/loss/*.yaml` (not tuned for digits). Test split: 270 images."
+        ),
         "",
         "| method | top-1 (%) | Δ vs CE | agreement with teacher (%) | wall s/run |",
         "|---|---|---|---|---|",
@@ -234,15 +256,17 @@ def main() -> None:
         lines.append(f"| {m} | {top1} | {delta} | {fmt(agrees)} | {statistics.fmean(walls):.1f} |")
     lines += [
         "",
-        f"{len(beat)} of {len(methods)} methods reach at least the CE-only mean top-1 (a method with a "
-        "diverged run does not count).",
+        (
+            f"{len(beat)} of {len(methods)} methods reach at least the CE-only mean top-1 (a method with a "
+            "diverged run does not count)."
+        ),
     ]
     if diverged:
         lines += ["", "Diverged runs (training stopped by the engine's non-finite-loss check):", ""]
         lines += [f"- {m}, {d}" for m in diverged for d in diverged[m]]
     lines.append("")
     (args.out / "quality.md").write_text("\n".join(lines))
-    print(write_plot([(m, results[m][0]) for m in order], ce_mean, args.out / "quality.png"))
+    print(write_plot([(m, results[m][0]) for m in order], ce_mean, args.out / "quality.png", args.label_fraction))
     print(f"total {time.perf_counter() - start:.0f} s; table: {args.out / 'quality.md'}")
     print(f"RESULT methods={len(methods)} beat_ce={len(beat)}")
     if not math.isfinite(ce_mean):
@@ -250,4 +274,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

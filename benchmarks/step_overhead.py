@@ -16,6 +16,7 @@ The headline number is the median over rounds of the per-round ratio ``c_i / (a_
 (teacher forward + student training step + KD loss) is ~1.04 on this kind of machine, the target is <= 1.05.
 
     python benchmarks/step_overhead.py | tee benchmarks/results/step_overhead.txt
+    python benchmarks/step_overhead.py --smoke      # seconds: tiny models and data, 1 thread
 """
 
 from __future__ import annotations
@@ -27,17 +28,22 @@ import platform
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SMOKE_STUDENT, SMOKE_TEACHER
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", default="resnet18", help="timm model name of the student")
-    p.add_argument("--teacher", default="resnet50", help="timm model name of the teacher")
+    p.add_argument("--student", default=None, help="timm model name of the student (default resnet18)")
+    p.add_argument("--teacher", default=None, help="timm model name of the teacher (default resnet50)")
     p.add_argument("--batch", type=int, default=64, help="batch size")
     p.add_argument("--size", type=int, default=32, help="input height/width")
     p.add_argument("--classes", type=int, default=10, help="number of classes")
@@ -51,7 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.set_num_threads (default: the number of cores this process may use)",
     )
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny settings (seconds): tiny models, 16x16, 3 rounds, 1 thread"
+    )
+    args = p.parse_args(argv)
+    args.student = args.student or (SMOKE_STUDENT if args.smoke else "resnet18")
+    args.teacher = args.teacher or (SMOKE_TEACHER if args.smoke else "resnet50")
+    if args.smoke:
+        args.batch, args.size, args.rounds, args.warmup = 8, 16, 2, 1
+        args.threads = args.threads or 1
+    return args
 
 
 def cores() -> int:
@@ -151,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             self.mark_cpu = 0.0
             self.threads_seen: set[int] = set()
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             now, now_cpu = time.perf_counter(), time.process_time()
             self._close_c(now, now_cpu)
             self.threads_seen.add(torch.get_num_threads())
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 self.cpu["c"].append((now_cpu - self.mark_cpu) / (now - self.mark))
                 self.mark = None
 
-        def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        def on_train_end(self, trainer, pl_module) -> None:
             self._close_c(time.perf_counter(), time.process_time())
 
     rr = RoundRobin()
