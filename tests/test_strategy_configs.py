@@ -59,6 +59,7 @@ def test_strategy_config_runs_through_the_app(sweep, strategy: str) -> None:
     assert results.is_file(), f"strategy={strategy} wrote no results; exit {proc.returncode}:\n{proc.stderr[-4000:]}"
     res = json.loads(results.read_text())
     assert math.isfinite(res["student_acc"]) and 0 <= res["student_acc"] <= 1
+    assert 0 <= res["student_val_acc"] <= 1  # the sweep objective, for every strategy
 
 
 @pytest.mark.slow

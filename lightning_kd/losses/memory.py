@@ -249,13 +249,14 @@ class ContrastMemory(nn.Module):
         return torch.cat([indices.view(-1, 1), negatives], dim=1)
 
     def rows(self, contrast_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student-bank and teacher-bank rows ``[B, K + 1, d]`` of ``contrast_idx`` (detached copies)."""
+        """The student-bank and teacher-bank rows ``[B, K + 1, d]`` of ``contrast_idx`` (detached copies:
+        ``index_select`` copies, so later in-place bank updates do not reach them)."""
         b = contrast_idx.shape[0]
         flat = contrast_idx.reshape(-1)
         d = self.student_bank.shape[1]
         return (
-            self.student_bank.index_select(0, flat).view(b, -1, d).detach().clone(),
-            self.teacher_bank.index_select(0, flat).view(b, -1, d).detach().clone(),
+            self.student_bank.index_select(0, flat).view(b, -1, d).detach(),
+            self.teacher_bank.index_select(0, flat).view(b, -1, d).detach(),
         )
 
     @torch.no_grad()
