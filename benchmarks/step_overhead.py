@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import sys
 import time
@@ -37,7 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOKE_STUDENT, SMOKE_TEACHER
+from _common import SMOKE_STUDENT, SMOKE_TEACHER, cores, loadavg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,20 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch, args.size, args.rounds, args.warmup = 8, 16, 2, 1
         args.threads = args.threads or 1
     return args
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def summary(values: list[float]) -> tuple[float, float, float, float, int]:
