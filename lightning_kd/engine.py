@@ -382,9 +382,16 @@ class DistillEngine(nn.Module):
         if labels is None or metric is None:
             return
         metric.update(logits.float().softmax(-1), labels)
-        # the metric's attribute path, so that Lightning finds it even if it indexed the module's metrics earlier
-        name = next((n for n, m in module.named_modules() if m is metric), None)
-        module.log(f"{prefix}ece", metric, metric_attribute=name)
+        module.log(f"{prefix}ece", metric, metric_attribute=self._metric_path(module, metric))
+
+    def _metric_path(self, module: Any, metric: nn.Module) -> str | None:
+        """The attribute path of ``metric`` in ``module`` (Lightning needs it to find a metric it may have indexed
+        earlier), looked up once per module rather than at every validation batch."""
+        paths = self.__dict__.setdefault("_metric_paths", {})
+        key = (id(module), id(metric))
+        if key not in paths:
+            paths[key] = next((n for n, m in module.named_modules() if m is metric), None)
+        return paths[key]
 
     # -- one step ----------------------------------------------------------------------------------------------------
     def forward(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
