@@ -49,11 +49,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_kd.engine import DistillEngine, LossSpec, eval_mode, split_targets, unpack_batch
+from lightning_kd.engine import DistillEngine, LossSpec, call_model, eval_mode, split_targets, teacher_view, unpack_batch
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.models import create_model, load_model_file, load_weights
 from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps, TapError
-from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
+from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_views, train_dataloader_of
 
 _ATTR_PREFIX = f"{INTERNAL_PREFIX}engine"
 
@@ -166,14 +166,14 @@ class DistillCallback(Callback):
                 f"{len(clash) + 1} DistillCallbacks are named {self.name!r}: give each one a distinct name= (e.g. "
                 "DistillCallback(..., name='t1')) so that their engines, state keys and log names stay apart"
             )
-        inputs = probe_inputs(trainer, pl_module, self.example_input)
+        inputs, teacher_inputs = probe_views(trainer, pl_module, self.example_input)
         if self.engine is None:
             num_classes = 0 if isinstance(self.teacher, nn.Module) else self._probe_classes(pl_module, inputs)
             teacher = self._resolve_teacher(num_classes)
             self.engine = DistillEngine(
                 self.loss, teacher, student_logits=self.student_logits, log_prefix=self._log_prefix
             )
-            self.engine.setup(pl_module, inputs, pl_module, num_samples_of(trainer))
+            self.engine.setup(pl_module, inputs, pl_module, num_samples_of(trainer), teacher_inputs)
         else:
             self.engine.attach(pl_module)
         pl_module.add_module(self._attr, self.engine)
@@ -184,7 +184,7 @@ class DistillCallback(Callback):
         taps = LayerTaps(pl_module, [self.student_logits])
         try:
             with eval_mode(pl_module), torch.no_grad(), taps.capture():
-                pl_module(inputs)
+                call_model(pl_module, inputs)
             return int(next(iter(taps.pop().values())).shape[-1])
         finally:
             taps.remove()
@@ -285,8 +285,9 @@ class DistillCallback(Callback):
         assert engine is not None
         batch = args[0] if args else kw.get("batch")
         inputs, targets, indices = unpack_batch(batch)
+        teacher_inputs, teacher_targets = teacher_view(batch, inputs, targets)
         trainer = pl_module.trainer
-        teacher = engine.teacher_outputs(inputs, indices, trainer.current_epoch)
+        teacher = engine.teacher_outputs(teacher_inputs, indices, trainer.current_epoch)
         with engine.student_capture():
             output = original(*args, **kw)
         student = engine.student_outputs()
@@ -301,8 +302,9 @@ class DistillCallback(Callback):
             )
         labels, soft = split_targets(targets)
         step = DistillBatch(
-            student, teacher, labels, indices, trainer.global_step, trainer.current_epoch, self._max_steps, inputs, soft
-        )
+            student, teacher, labels, indices, trainer.global_step, trainer.current_epoch, self._max_steps, inputs, soft,
+            teacher_targets,
+        )  # fmt: skip
         distill, logs = engine(step)
         terms = distill
         inner = getattr(original, "__lkd_callback__", None)  # an earlier DistillCallback's wrapper

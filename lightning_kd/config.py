@@ -29,6 +29,18 @@ MODEL_GROUPS = ("model", "teacher")
 _registered = False
 
 
+def loss_config_names(task: str = "classification") -> list[str]:
+    """Names of the ``conf/loss/*.yaml`` options for ``task``: ``classification`` (image models; the default) or
+    ``lm`` (language models: the configs that set ``task: lm``)."""
+    from omegaconf import OmegaConf
+
+    names = []
+    for path in sorted((CONF_DIR / "loss").glob("*.yaml")):
+        if (OmegaConf.load(path).get("task") or "classification") == task:
+            names.append(path.stem)
+    return names
+
+
 def register_model_configs() -> None:
     """Add one ``model/<name>`` and ``teacher/<name>`` option per timm architecture to Hydra's ConfigStore."""
     global _registered

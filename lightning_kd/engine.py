@@ -126,16 +126,67 @@ def _term_from_config(name: str, kwargs: Any) -> LossTerm:
 _INPUT_KEYS = ("input", "inputs", "image", "images", "x", "pixel_values")
 _TARGET_KEYS = ("target", "targets", "label", "labels", "y")
 _INDEX_KEYS = ("index", "indices", "idx")
+#: keys of a token batch (Hugging Face convention) that are passed to the model as keyword arguments.
+TOKEN_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+#: the prefix of a token batch's keys that hold the teacher's own tokenization (cross-tokenizer distillation, ULD):
+#: ``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``.
+TEACHER_KEY_PREFIX = "teacher_"
+
+#: what a model is called with: a tensor (``model(x)``) or, for token batches, keyword arguments
+#: (``model(input_ids=..., attention_mask=...)``).
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def token_inputs(batch: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The model keyword arguments of a token batch (:data:`TOKEN_INPUT_KEYS`, read under ``prefix``)."""
+    return {k: batch[prefix + k] for k in TOKEN_INPUT_KEYS if isinstance(batch.get(prefix + k), torch.Tensor)}
+
+
+def call_model(model: Any, inputs: Inputs) -> Any:
+    """``model(inputs)``, or ``model(**inputs)`` for the keyword inputs of a token batch."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def inputs_device(inputs: Inputs) -> torch.device:
+    """The device of the inputs (of their first tensor for keyword inputs)."""
+    return next(iter(inputs.values())).device if isinstance(inputs, Mapping) else inputs.device
+
+
+def inputs_to(inputs: Inputs, device: torch.device | str) -> Inputs:
+    """The inputs moved to ``device``."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def head_of(inputs: Inputs, n: int) -> Inputs:
+    """The first ``n`` samples of the inputs."""
+    if isinstance(inputs, Mapping):
+        return {k: v[:n] for k, v in inputs.items()}
+    return inputs[:n]
+
+
+def teacher_view(batch: Any, inputs: Inputs, targets: torch.Tensor | None) -> tuple[Inputs, torch.Tensor | None]:
+    """What the teacher reads from ``batch``: its own tokenization (``teacher_input_ids``, ``teacher_attention_mask``,
+    ``teacher_labels``) when the batch carries one (teacher and student with different tokenizers), else the
+    student's inputs; and the teacher's labels (``None`` when it shares the student's)."""
+    if isinstance(batch, Mapping) and isinstance(batch.get(TEACHER_KEY_PREFIX + "input_ids"), torch.Tensor):
+        return token_inputs(batch, TEACHER_KEY_PREFIX), batch.get(TEACHER_KEY_PREFIX + "labels")
+    return inputs, None
+
+
+def unpack_batch(batch: Any) -> tuple[Inputs, torch.Tensor | None, torch.Tensor | None]:
     """Split a batch into ``(inputs, targets, indices)``.
 
     Accepts a tensor, a ``(input, target[, index])`` tuple/list (this package's datamodules yield
     ``(input, target, index)``) or a dict with keys such as ``input``/``image``, ``target``/``label``, ``index``.
+    A token batch (a dict with ``input_ids``, as Hugging Face collators make) gives its model keyword arguments
+    (:func:`token_inputs`) as the inputs and its ``labels`` (``-100`` = ignored) as the targets.
     """
     if isinstance(batch, torch.Tensor):
         return batch, None, None
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return token_inputs(batch), batch.get("labels"), next((batch[k] for k in _INDEX_KEYS if k in batch), None)
     if isinstance(batch, Mapping):
 
         def first(keys: tuple[str, ...]) -> Any:
@@ -286,30 +337,31 @@ class DistillEngine(nn.Module):
         return ModelOutputs(as_logits(logits), features)
 
     # -- teacher -----------------------------------------------------------------------------------------------------
-    def run_teacher(self, inputs: torch.Tensor, *, with_features: bool = True) -> ModelOutputs:
+    def run_teacher(self, inputs: Inputs, *, with_features: bool = True) -> ModelOutputs:
         """Teacher forward in eval mode without gradients, on the inputs' device; with its taps unless
         ``with_features`` is false (evaluation) or the taps are removed."""
         teacher = self.teacher
         teacher.eval()
         param = next(teacher.parameters(), None)
-        if param is not None and param.device != inputs.device:
-            teacher.to(inputs.device)
+        device = inputs_device(inputs)
+        if param is not None and param.device != device:
+            teacher.to(device)
         taps = self.teacher_taps if with_features and self.teacher_taps is not None else None
         if taps is None or not taps.attached:
             with torch.no_grad():
-                output = teacher(inputs)
+                output = call_model(teacher, inputs)
             return ModelOutputs(as_logits(output).detach(), members=ensemble_members(output))
         with torch.no_grad(), taps.capture():
-            output = teacher(inputs)
+            output = call_model(teacher, inputs)
         return ModelOutputs(as_logits(output).detach(), taps.pop(), ensemble_members(output))
 
-    def teacher_outputs(self, inputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> ModelOutputs:
+    def teacher_outputs(self, inputs: Inputs, indices: torch.Tensor | None, epoch: int) -> ModelOutputs:
         """The teacher's outputs for a training step: read from :attr:`output_cache` when it holds this
         ``(epoch, indices)``, else computed by :meth:`run_teacher` (and offered to the cache to record)."""
         cache = self.output_cache
         if cache is None or indices is None:
             return self.run_teacher(inputs)
-        cached = cache.lookup(indices, epoch, inputs.device)
+        cached = cache.lookup(indices, epoch, inputs_device(inputs))
         if cached is not None:
             return cached
         outputs = self.run_teacher(inputs)
@@ -320,23 +372,30 @@ class DistillEngine(nn.Module):
     def setup(
         self,
         student: nn.Module,
-        inputs: torch.Tensor,
-        run_student: Callable[[torch.Tensor], Any],
+        inputs: Inputs,
+        run_student: Callable[..., Any],
         num_samples: int | None = None,
+        teacher_inputs: Inputs | None = None,
     ) -> None:
         """Probe both models on ``inputs`` (eval mode, no grad), check the class counts and let every term build its
         trainable parts. Must run before the optimizer is created. ``num_samples`` is the training-set size (for
-        memory banks), when known."""
+        memory banks), when known. ``run_student`` is called like a model (:func:`call_model`); the teacher reads
+        ``teacher_inputs`` when given (its own tokenization), else ``inputs``.
+
+        Teacher and student must predict the same classes (vocabulary), unless a term compares distributions
+        across vocabularies (:attr:`LossTerm.cross_vocabulary`, e.g. ULD)."""
         self.attach(student)
         with eval_mode(student), torch.no_grad(), self.student_capture():
-            out = run_student(inputs)
+            out = call_model(run_student, inputs)
         s_out = self.student_outputs(None if self.student_logits is not None else as_logits(out))
-        t_out = self.run_teacher(inputs)
+        t_out = self.run_teacher(inputs if teacher_inputs is None else teacher_inputs)
         n_s, n_t = s_out.logits.shape[-1], t_out.logits.shape[-1]
-        if n_s != n_t:
+        if n_s != n_t and not any(term.cross_vocabulary for term in self.terms.values()):
             raise ClassCountMismatchError(
                 f"the student predicts {n_s} classes and the teacher {n_t}; create both with the same num_classes "
-                "(e.g. timm.create_model(name, num_classes=N)) or load a teacher trained on the same data"
+                "(e.g. timm.create_model(name, num_classes=N)) or load a teacher trained on the same data. Language "
+                "models: both need the same vocabulary (tokenizer); a teacher with another tokenizer needs a "
+                "cross-vocabulary term (loss=uld) and batches with its own tokenization (teacher_input_ids)"
             )
         ctx = SetupContext(s_out, t_out, student, self.teacher, int(n_s), num_samples)
         for term in self.terms.values():
@@ -354,7 +413,7 @@ class DistillEngine(nn.Module):
         for batch in batches:
             inputs, targets, indices = unpack_batch(batch)
             to = lambda t: t.to(device) if t is not None else None
-            yield TeacherPass(self.run_teacher(to(inputs)), to(targets), to(indices))
+            yield TeacherPass(self.run_teacher(inputs_to(inputs, device)), to(targets), to(indices))
 
     def student_predictor(self, student: nn.Module) -> nn.Module | None:
         """The model that predicts for ``student`` when a term replaces its head (SimKD), else ``None``."""
@@ -375,8 +434,11 @@ class DistillEngine(nn.Module):
         """
         inputs, targets, _ = unpack_batch(batch)
         logits = as_logits(student_logits).detach()
-        teacher = self.run_teacher(inputs, with_features=False).logits
-        module.log(f"{prefix}agreement", agreement(logits, teacher), sync_dist=True)
+        teacher = self.run_teacher(teacher_view(batch, inputs, targets)[0], with_features=False).logits
+        if logits.shape == teacher.shape:  # not across vocabularies (ULD)
+            module.log(f"{prefix}agreement", agreement(logits, teacher, targets), sync_dist=True)
+        if logits.dim() > 2:  # token logits: ECE over a vocabulary is not computed
+            return
         labels, _ = split_targets(targets)
         metric = self.val_calibration
         if labels is None or metric is None:
@@ -413,16 +475,28 @@ class DistillEngine(nn.Module):
             for key, diagnostic in (getattr(term, "diagnostics", None) or {}).items():
                 logs[f"{self.log_prefix}{name}/{key}"] = diagnostic.detach().float()
             total = total + term.weight * value.float()
-        logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits)
+        if batch.student.logits.shape == batch.teacher.logits.shape:  # not across vocabularies (ULD)
+            logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits, batch.targets)
         for member, logits in batch.teacher.members.items():
             logs[f"{self.log_prefix}agreement/{member}"] = agreement(batch.student.logits, logits)
         return total, logs
 
 
-def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of samples whose top-1 class is the same for student and teacher (no gradient)."""
+def agreement(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fraction of samples whose top-1 class is the same for student and teacher (no gradient).
+
+    Token logits ``[B, T, V]`` compare next-token predictions at the positions whose next label is not ``-100``
+    (:func:`~lightning_kd.lm.divergences.next_token_mask`), or at every position without labels."""
     with torch.no_grad():
-        return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+        same = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+        if student_logits.dim() == 3 and labels is not None and labels.shape == same.shape:
+            from lightning_kd.lm.divergences import next_token_mask
+
+            mask = next_token_mask(labels)
+            return (same * mask).sum() / mask.sum().clamp_min(1)
+        return same.mean()
 
 
 def check_finite_task_loss(value: torch.Tensor, name: str, step: int) -> None:
@@ -446,6 +520,9 @@ __all__ = [
     "ensemble_members",
     "eval_mode",
     "freeze",
+    "call_model",
     "split_targets",
+    "teacher_view",
+    "token_inputs",
     "unpack_batch",
 ]

@@ -20,14 +20,18 @@ from torch import nn
 
 from lightning_kd.engine import (
     DistillEngine,
+    Inputs,
     LossSpec,
     agreement,
+    as_logits,
+    call_model,
     check_finite_task_loss,
     split_targets,
+    teacher_view,
     unpack_batch,
 )
 from lightning_kd.losses.base import DistillBatch
-from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_inputs, train_dataloader_of
+from lightning_kd.trainer_utils import max_steps_of, num_samples_of, probe_views, train_dataloader_of
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -67,8 +71,9 @@ class ClassifierModule(L.LightningModule):
         ignore = ["model", "student", "teacher", "optimizer", "loss"] + (["scheduler"] if callable(scheduler) else [])
         self.save_hyperparameters(ignore=ignore)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: Inputs) -> torch.Tensor:
+        """The model's logits (a token batch's keyword inputs are passed as keywords)."""
+        return as_logits(call_model(self.model, x))
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on labels (computed in float32); ``targets`` are class indices or, after mixup, class
@@ -157,15 +162,16 @@ class DistillationModule(ClassifierModule):
         """The frozen teacher (not a submodule)."""
         return self.engine.teacher
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Inputs) -> torch.Tensor:
         """The student's predictions: its own logits, or those of the term that replaces its head (SimKD)."""
         predictor = self.engine.student_predictor(self.model) if self.engine.is_setup else None
-        return self.model(x) if predictor is None else predictor(x)
+        return as_logits(call_model(self.model if predictor is None else predictor, x))
 
     def setup(self, stage: str) -> None:
         """Install the taps and build the terms' trainable parts before ``configure_optimizers`` and DDP."""
         if stage == "fit" and not self.engine.is_setup:
-            self.engine.setup(self.model, probe_inputs(self.trainer, self), self.model, num_samples_of(self.trainer))
+            inputs, teacher_inputs = probe_views(self.trainer, self)
+            self.engine.setup(self.model, inputs, self.model, num_samples_of(self.trainer), teacher_inputs)
         elif stage == "fit":
             self.engine.attach(self.model)
 
@@ -182,15 +188,18 @@ class DistillationModule(ClassifierModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, targets, indices = unpack_batch(batch)
-        teacher = self.engine.teacher_outputs(inputs, indices, self.current_epoch)
+        teacher_inputs, teacher_targets = teacher_view(batch, inputs, targets)
+        teacher = self.engine.teacher_outputs(teacher_inputs, indices, self.current_epoch)
         with self.engine.student_capture():
-            logits = self.model(inputs)  # the student's own head (a SimKD predictor is for evaluation)
+            # the student's own head (a SimKD predictor is for evaluation)
+            logits = as_logits(call_model(self.model, inputs))
         student = self.engine.student_outputs(logits)
         ce = self.task_loss(logits, targets)
         labels, soft = split_targets(targets)
         step = DistillBatch(
-            student, teacher, labels, indices, self.global_step, self.current_epoch, self._max_steps, inputs, soft
-        )
+            student, teacher, labels, indices, self.global_step, self.current_epoch, self._max_steps, inputs, soft,
+            teacher_targets,
+        )  # fmt: skip
         distill, logs = self.engine(step)
         check_finite_task_loss(ce, "ce", self.global_step)
         loss = self.task_weight * ce + distill
@@ -207,7 +216,8 @@ class DistillationModule(ClassifierModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Test accuracy and teacher–student top-1 agreement (``test/agreement``)."""
-        inputs = unpack_batch(batch)[0]
+        inputs, targets, _ = unpack_batch(batch)
         logits = self._evaluate(batch, "test")
-        teacher = self.engine.run_teacher(inputs, with_features=False).logits
-        self.log("test/agreement", agreement(logits, teacher), sync_dist=True)
+        teacher = self.engine.run_teacher(teacher_view(batch, inputs, targets)[0], with_features=False).logits
+        if teacher.shape == logits.shape:
+            self.log("test/agreement", agreement(logits, teacher, targets), sync_dist=True)

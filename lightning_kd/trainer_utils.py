@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 
-from lightning_kd.engine import unpack_batch
+from lightning_kd.engine import Inputs, head_of, teacher_view, unpack_batch
 
 
 def train_dataloader_of(trainer: L.Trainer) -> Any:
@@ -21,11 +20,19 @@ def train_dataloader_of(trainer: L.Trainer) -> Any:
     return None
 
 
-def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any = None, n: int = 2) -> torch.Tensor:
+def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any = None, n: int = 2) -> Inputs:
     """A few training inputs to probe layer shapes before fitting.
 
     Taken from ``example`` if given, else ``pl_module.example_input_array``, else the first training batch.
     """
+    return probe_views(trainer, pl_module, example, n)[0]
+
+
+def probe_views(
+    trainer: L.Trainer, pl_module: L.LightningModule, example: Any = None, n: int = 2
+) -> tuple[Inputs, Inputs | None]:
+    """``(student inputs, teacher inputs)`` of a few training samples (see :func:`probe_inputs`); the teacher's are
+    ``None`` unless the batch carries the teacher's own tokenization (:func:`~lightning_kd.engine.teacher_view`)."""
     if example is None:
         example = getattr(pl_module, "example_input_array", None)
     if example is None:
@@ -36,8 +43,9 @@ def probe_inputs(trainer: L.Trainer, pl_module: L.LightningModule, example: Any 
                 "inputs> or set example_input_array on the LightningModule"
             )
         example = next(iter(loader))
-    inputs = unpack_batch(example)[0]
-    return inputs[:n] if len(inputs) > n else inputs
+    inputs, targets, _ = unpack_batch(example)
+    teacher_inputs = teacher_view(example, inputs, targets)[0]
+    return head_of(inputs, n), (None if teacher_inputs is inputs else head_of(teacher_inputs, n))
 
 
 def num_samples_of(trainer: L.Trainer) -> int | None:

@@ -9,11 +9,11 @@ import torch
 from conftest import tiny
 from omegaconf import OmegaConf
 
-from lightning_kd.config import CONF_DIR
+from lightning_kd.config import CONF_DIR, loss_config_names
 from lightning_kd.engine import DistillEngine
 from lightning_kd.losses import DistillBatch
 
-LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+LOSSES = loss_config_names("classification")  # the image-model losses (task=lm ones: test_lm_loss_configs.py)
 N, CLASSES, SIZE = 16, 10, 32
 
 

@@ -65,6 +65,13 @@ class DistillBatch:
             student), or ``None``.
         soft_targets: probability targets ``[B, C]`` when the batch carries them (mixup); ``targets`` then holds
             their argmax, so terms that need class indices keep working.
+        teacher_targets: the teacher's labels ``[B, T']`` when it reads its own tokenization of the batch
+            (cross-tokenizer distillation, :func:`~lightning_kd.engine.teacher_view`), else ``None``.
+
+    Token batches (language models): ``student.logits``/``teacher.logits`` are ``[B, T, V]``, ``targets`` the
+    labels ``[B, T]`` aligned with the input ids (``-100`` = ignored; the logit at position ``t`` predicts the label
+    at ``t + 1``, the Hugging Face convention), ``inputs`` the model's keyword arguments (``input_ids``,
+    ``attention_mask``).
     """
 
     student: ModelOutputs
@@ -74,8 +81,9 @@ class DistillBatch:
     step: int = 0
     epoch: int = 0
     max_steps: int = -1
-    inputs: torch.Tensor | None = None
+    inputs: Any = None
     soft_targets: torch.Tensor | None = None
+    teacher_targets: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,6 +132,9 @@ class LossTerm(nn.Module):
     #: set ``True`` when the term already contains the label loss (PLD) or the method trains without it (SimKD): the
     #: module wrapper's ``task_weight`` then defaults to 0.
     replaces_task_loss: ClassVar[bool] = False
+    #: set ``True`` when the term compares teacher and student distributions over different vocabularies (ULD):
+    #: the engine then accepts a teacher whose logit width differs from the student's.
+    cross_vocabulary: ClassVar[bool] = False
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
