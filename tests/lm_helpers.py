@@ -22,9 +22,13 @@ TEXTS = [
 
 
 def tiny_lm(vocab_size: int, n_layer: int = 1, n_embd: int = 32, n_head: int = 2, seed: int = 0, **kw):
-    """A random-init GPT-2 with ``vocab_size`` logits (a few thousand parameters)."""
+    """A random-init GPT-2 with ``vocab_size`` logits (a few thousand parameters), dropout off (so that a step can
+    be recomputed exactly)."""
     torch.manual_seed(seed)
-    return create_causal_lm("gpt2", vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=128, **kw)
+    dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return create_causal_lm(
+        "gpt2", vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=128, **{**dropout, **kw}
+    )
 
 
 @functools.lru_cache(maxsize=4)

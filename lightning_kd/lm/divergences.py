@@ -315,13 +315,20 @@ class _ChunkedDivergence(torch.autograd.Function):
             stats.total, stats.count = float(total), int(rows_index.numel())
             if kept is not None:
                 stats.rows = torch.cat(kept) if kept else total.new_zeros(0, dtype=torch.float32)
-        ctx.save_for_backward(grad if grad is not None else student.new_zeros(0))
+        # Kept on ctx (not save_for_backward) so that backward can hand the buffer over without a copy: scaled in
+        # place and returned as the only reference, autograd's gradient accumulation takes it as is.
+        ctx.grad = grad
         return (total / normalizer).to(torch.float32)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype), *([None] * 9))
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "token_divergence: backward ran twice through the same loss (retain_graph=True); its gradient buffer "
+                "is handed over on the first backward to save memory. Recompute the loss for a second backward"
+            )
+        return (grad.mul_(grad_output.to(grad.dtype)), *([None] * 9))
 
 
 def token_divergence(

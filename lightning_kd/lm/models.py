@@ -44,9 +44,10 @@ def create_causal_lm(
     *,
     pretrained: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
+    lora: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """A ``transformers`` causal LM.
+    """A ``transformers`` causal LM, optionally wrapped with LoRA adapters (peft).
 
     Args:
         name: a model type known to ``transformers.AutoConfig.for_model`` (``gpt2``, ``llama``...), or a local
@@ -55,6 +56,9 @@ def create_causal_lm(
         pretrained: load the weights of ``name`` with ``from_pretrained`` (a local directory, or the hub where
             reachable).
         checkpoint: local weights to load afterwards (strict, ``weights_only=True``).
+        lora: ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [c_attn]}``): the model is
+            wrapped by ``peft.get_peft_model`` so that only the adapters train (LLM-Neo: "Parameter Efficient
+            Knowledge Distillation for Large Language Models" combines LoRA with KD). ``None``: full fine-tuning.
         kwargs: config fields (``n_layer``, ``n_embd``...).
     """
     transformers = require_transformers()
@@ -89,7 +93,22 @@ def create_causal_lm(
     if checkpoint:
         state = state_dict_of(read_checkpoint(checkpoint))
         model.load_state_dict(match_state_dict(model, state, where=repr(str(checkpoint)), arch=name))
-    return model
+    return with_lora(model, lora) if lora else model
+
+
+def with_lora(model: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
+    """``model`` wrapped by ``peft.get_peft_model`` with a causal-LM ``LoraConfig(**lora)``: base weights frozen,
+    adapters trainable."""
+    try:
+        import peft
+    except ImportError as err:  # pragma: no cover - the llm extra installs peft
+        raise ImportError('LoRA students need peft: pip install "lightning-kd[llm]"') from err
+    fields = {"task_type": "CAUSAL_LM", **dict(lora)}
+    try:
+        config = peft.LoraConfig(**fields)
+    except TypeError as err:
+        raise ValueError(f"lora: {err}; the keys are peft.LoraConfig fields (r, lora_alpha, target_modules...)") from None
+    return peft.get_peft_model(model, config)
 
 
 def vocab_size_of(model: nn.Module) -> int:
@@ -118,4 +137,4 @@ def load_lm_file(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     return model, dict(meta)
 
 
-__all__ = ["create_causal_lm", "load_lm_file", "require_transformers", "save_lm_file", "vocab_size_of"]
+__all__ = ["create_causal_lm", "load_lm_file", "require_transformers", "save_lm_file", "vocab_size_of", "with_lora"]
