@@ -434,8 +434,9 @@ class DistillEngine(nn.Module):
         """
         inputs, targets, _ = unpack_batch(batch)
         logits = as_logits(student_logits).detach()
-        teacher = self.run_teacher(teacher_view(batch, inputs, targets)[0], with_features=False).logits
-        if logits.shape == teacher.shape:  # not across vocabularies (ULD)
+        teacher_inputs, teacher_labels = teacher_view(batch, inputs, targets)
+        teacher = self.run_teacher(teacher_inputs, with_features=False).logits
+        if teacher_labels is None and logits.shape == teacher.shape:  # not across tokenizers (ULD)
             module.log(f"{prefix}agreement", agreement(logits, teacher, targets), sync_dist=True)
         if logits.dim() > 2:  # token logits: ECE over a vocabulary is not computed
             return
@@ -475,7 +476,7 @@ class DistillEngine(nn.Module):
             for key, diagnostic in (getattr(term, "diagnostics", None) or {}).items():
                 logs[f"{self.log_prefix}{name}/{key}"] = diagnostic.detach().float()
             total = total + term.weight * value.float()
-        if batch.student.logits.shape == batch.teacher.logits.shape:  # not across vocabularies (ULD)
+        if batch.teacher_targets is None and batch.student.logits.shape == batch.teacher.logits.shape:  # not ULD
             logs[f"{self.log_prefix}agreement"] = agreement(batch.student.logits, batch.teacher.logits, batch.targets)
         for member, logits in batch.teacher.members.items():
             logs[f"{self.log_prefix}agreement/{member}"] = agreement(batch.student.logits, logits)
