@@ -78,6 +78,15 @@ Memory: one slot's table is held in (CPU) memory, ``N · (4k + 6 + 2·Σ tap siz
 prefill covers the whole training set of a slot even if ``limit_train_batches`` uses part of it. Only for frozen
 teachers (not EMA or mutual ones). Ensemble members' own logits (``ModelOutputs.members``) are not stored, so per-member
 agreement is not logged for batches read from the cache.
+
+**Token logits.** :class:`~lightning_kd.lm.logit_cache.LMTeacherOutputCache` is this cache for language models
+(pre-training distillation's top-k / top-p truncated logits, stored per sample and real token position). It keeps the
+manifest, the stale refusal, the shards, the filling, the verification and DDP of this class and overrides only the
+layout hooks: :meth:`TeacherOutputCache._describe_outputs` (the manifest fields of what is stored),
+:meth:`~TeacherOutputCache._new_table` (a table with ``put``/``take``/``pop_dirty``/``check_shard``/``merge_shard``,
+like :class:`SlotTable`), :meth:`~TeacherOutputCache._store`, :meth:`~TeacherOutputCache._serve`,
+:meth:`~TeacherOutputCache._step_inputs` and :meth:`~TeacherOutputCache.verify`. This class refuses token logits
+(``[batch, sequence, vocabulary]``) with a pointer to it.
 """
 
 from __future__ import annotations
@@ -102,7 +111,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_kd.callback import DistillCallback
-from lightning_kd.engine import DistillEngine, unpack_batch
+from lightning_kd.engine import DistillEngine, Inputs, teacher_view, unpack_batch
 from lightning_kd.losses.base import ModelOutputs
 from lightning_kd.strategies.replay import ReplayAugment
 from lightning_kd.taps import TapSpec
@@ -312,6 +321,40 @@ class SlotTable:
         self.dirty[rows] = False
         return rows, self.take(rows)
 
+    def check_shard(self, shard: Any) -> bool:
+        """Whether ``shard`` (a loaded shard file) has this table's fields, dtypes and shapes."""
+        ok = isinstance(shard, Mapping) and {"samples", "values", "indices", "tail_lse", "features"} <= set(shard)
+        if ok:
+            n = len(shard["samples"])
+            ok = (
+                shard["values"].shape == (n, self.values.shape[1])
+                and shard["indices"].dtype == self.indices.dtype
+                and shard["indices"].shape == (n, self.values.shape[1])
+                and shard["tail_lse"].shape == (n,)
+                and set(shard["features"]) == set(self.features)
+                and all(shard["features"][k].shape[1:] == t.shape[1:] for k, t in self.features.items())
+                and rows_in_range(shard["samples"], len(self.filled))
+            )
+        return bool(ok)
+
+    def merge_shard(self, shard: Mapping[str, Any]) -> None:
+        """Put the rows of a (checked) shard that are not filled yet (as written: not dirty)."""
+        rows = shard["samples"]
+        new = ~self.filled[rows]
+        if bool(new.any()):
+            part = {
+                "values": shard["values"][new],
+                "indices": shard["indices"][new],
+                "tail_lse": shard["tail_lse"][new],
+                "features": {name: t[new] for name, t in shard["features"].items()},
+            }
+            self.put(rows[new], part, dirty=False)
+
+
+def rows_in_range(samples: torch.Tensor, num_samples: int) -> bool:
+    """Whether every sample index of a shard lies in ``[0, num_samples)``."""
+    return len(samples) == 0 or (int(samples.min()) >= 0 and int(samples.max()) < num_samples)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The callback
@@ -321,7 +364,8 @@ class TeacherOutputCache(Callback):
 
     Works with :class:`~lightning_kd.callback.DistillCallback` (in ``trainer.callbacks``) or
     :class:`~lightning_kd.module.DistillationModule`; installs itself as the engine's ``output_cache`` at fit start.
-    See the module documentation for the format, the reconstruction and its approximation.
+    See the module documentation for the format, the reconstruction and its approximation. Classifier logits only;
+    language models: :class:`~lightning_kd.lm.logit_cache.LMTeacherOutputCache`.
 
     Args:
         dir: the cache directory (created if needed). A ``{key}`` in it is replaced at fit start by a hash of the
@@ -376,7 +420,8 @@ class TeacherOutputCache(Callback):
         self.engine: DistillEngine | None = None
         self.augment: ReplayAugment | None = None
         self.manifest: dict[str, Any] | None = None
-        self.table: SlotTable | None = None
+        #: the current slot's outputs (a :class:`SlotTable`; a subclass may use another layout with the same methods)
+        self.table: Any = None
         self._trainer: L.Trainer | None = None
         self._pl_module: L.LightningModule | None = None
         self._verify_left = 0
@@ -416,16 +461,7 @@ class TeacherOutputCache(Callback):
                 f"dataset index); got {type(dataset).__name__}"
             ) from None
         # materialised, so that the generator's RNG-restoring context closes here
-        (_, probe), *_ = list(self._teacher_passes(trainer, pl_module, [0], batch_size=1))
-        num_classes = int(probe.logits.shape[-1])
-        taps = self._teacher_taps()
-        if taps and not self.features:
-            raise ValueError(
-                f"the loss terms read the teacher taps {[str(t) for t in taps]}, which the cache would not store "
-                "(features=False); set features=True (TeacherOutputCache(..., features=True) / "
-                "teacher_cache.features=true) or use terms that read logits only"
-            )
-        k = num_classes if self.k is None else min(self.k, num_classes)
+        (_, probe, _), *_ = list(self._teacher_passes(trainer, pl_module, [0], batch_size=1))
         self.manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -436,11 +472,7 @@ class TeacherOutputCache(Callback):
             "data": data_identity(trainer, dataset, self.data_id),
             "num_samples": num_samples,
             "augment": "none" if self.augment is None else self.augment.signature(),
-            "k": k,
-            "num_classes": num_classes,
-            "value_dtype": "float16",
-            "index_dtype": str(index_dtype(num_classes)).replace("torch.", ""),
-            "features": {str(t): list(probe.features[t].shape[1:]) for t in taps},
+            **self._describe_outputs(probe),
             # not compared: a slot's views do not depend on the period, only which slots an epoch uses
             "info": {"period": None if self.augment is None else self.augment.period},
         }
@@ -454,6 +486,30 @@ class TeacherOutputCache(Callback):
         assert self.engine is not None
         taps = self.engine.teacher_taps
         return list(taps.requested) if taps is not None else []
+
+    def _describe_outputs(self, probe: ModelOutputs) -> dict[str, Any]:
+        """The manifest fields that say what is stored, from the teacher's outputs on one sample (``probe``)."""
+        if probe.logits.dim() != 2:
+            raise ValueError(
+                f"TeacherOutputCache stores classifier logits [batch, classes]; the teacher gives shape "
+                f"{tuple(probe.logits.shape)}. For language models (token logits [batch, sequence, vocabulary]) use "
+                "lightning_kd.lm.logit_cache.LMTeacherOutputCache (teacher_cache=lm_topk)"
+            )
+        num_classes = int(probe.logits.shape[-1])
+        taps = self._teacher_taps()
+        if taps and not self.features:
+            raise ValueError(
+                f"the loss terms read the teacher taps {[str(t) for t in taps]}, which the cache would not store "
+                "(features=False); set features=True (TeacherOutputCache(..., features=True) / "
+                "teacher_cache.features=true) or use terms that read logits only"
+            )
+        return {
+            "k": num_classes if self.k is None else min(self.k, num_classes),
+            "num_classes": num_classes,
+            "value_dtype": "float16",
+            "index_dtype": str(index_dtype(num_classes)).replace("torch.", ""),
+            "features": {str(t): list(probe.features[t].shape[1:]) for t in taps},
+        }
 
     def _open_directory(self, trainer: L.Trainer) -> None:
         """Rank 0 checks (or writes) the manifest; every rank raises the same error, then waits for the others."""
@@ -526,51 +582,32 @@ class TeacherOutputCache(Callback):
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("teacher_cache_slot")
         if self.table is None or self.table.slot != slot:
-            self.table = SlotTable(
-                slot,
-                int(self.manifest["num_samples"]),
-                self.stored_k,
-                getattr(torch, self.manifest["index_dtype"]),
-                self.manifest["features"],
-            )
+            self.table = self._new_table(slot)
         if not self.table.complete:
             self._load_shards(self.table)
 
-    def _load_shards(self, table: SlotTable) -> None:
+    def _new_table(self, slot: int) -> SlotTable:
+        """An empty table for ``slot`` in the layout of the manifest."""
+        assert self.manifest is not None
+        return SlotTable(
+            slot,
+            int(self.manifest["num_samples"]),
+            self.stored_k,
+            getattr(torch, self.manifest["index_dtype"]),
+            self.manifest["features"],
+        )
+
+    def _load_shards(self, table: Any) -> None:
         for path in self._shards(table.slot):
             try:
                 shard = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - name the file whatever went wrong
                 raise RuntimeError(f"cannot read the teacher-output shard {path}: {err}. Delete it (or the cache).")
-            self._check_shard(path, shard, table)
-            rows = shard["samples"]
-            new = ~table.filled[rows]
-            if bool(new.any()):
-                part = {
-                    "values": shard["values"][new],
-                    "indices": shard["indices"][new],
-                    "tail_lse": shard["tail_lse"][new],
-                    "features": {name: t[new] for name, t in shard["features"].items()},
-                }
-                table.put(rows[new], part, dirty=False)
-
-    def _check_shard(self, path: Path, shard: Any, table: SlotTable) -> None:
-        ok = isinstance(shard, Mapping) and {"samples", "values", "indices", "tail_lse", "features"} <= set(shard)
-        if ok:
-            n = len(shard["samples"])
-            ok = (
-                shard["values"].shape == (n, table.values.shape[1])
-                and shard["indices"].dtype == table.indices.dtype
-                and shard["indices"].shape == (n, table.values.shape[1])
-                and shard["tail_lse"].shape == (n,)
-                and set(shard["features"]) == set(table.features)
-                and all(shard["features"][k].shape[1:] == t.shape[1:] for k, t in table.features.items())
-                and (n == 0 or (int(shard["samples"].min()) >= 0 and int(shard["samples"].max()) < len(table.filled)))
-            )
-        if not ok:
-            raise RuntimeError(
-                f"the teacher-output shard {path} does not match {self.dir / MANIFEST}; delete the cache"
-            )
+            if not table.check_shard(shard):
+                raise RuntimeError(
+                    f"the teacher-output shard {path} does not match {self.dir / MANIFEST}; delete the cache"
+                )
+            table.merge_shard(shard)
 
     def _prefill(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """One teacher pass over this rank's share of the slot's missing samples, then share the results."""
@@ -580,8 +617,8 @@ class TeacherOutputCache(Callback):
         loader = train_dataloader_of(trainer)
         batch_size = getattr(loader, "batch_size", None) or 64
         epoch = trainer.current_epoch
-        for rows, outputs in self._teacher_passes(trainer, pl_module, mine, batch_size, epoch):
-            self._store(rows, outputs)
+        for rows, outputs, inputs in self._teacher_passes(trainer, pl_module, mine, batch_size, epoch):
+            self._store(rows, outputs, inputs)
             self._flush_if_due()
             self._count_computed(len(rows))
         self.flush()
@@ -592,10 +629,11 @@ class TeacherOutputCache(Callback):
 
     def _teacher_passes(
         self, trainer: L.Trainer, pl_module: L.LightningModule, samples: list[int], batch_size: int, epoch: int = 0
-    ) -> Iterator[tuple[torch.Tensor, ModelOutputs]]:
-        """The live teacher on ``samples`` (dataset indices), batched, through the training batch pipeline: precision
-        input conversion, the module's batch-transfer hooks and device, the ReplayAugment view of ``epoch``. The RNG
-        state is restored afterwards."""
+    ) -> Iterator[tuple[torch.Tensor, ModelOutputs, Inputs]]:
+        """``(indices, outputs, teacher inputs)`` of the live teacher on ``samples`` (dataset indices), batched,
+        through the training batch pipeline: precision input conversion, the module's batch-transfer hooks and device,
+        the ReplayAugment view of ``epoch``; the teacher reads its own tokenization when the batch carries one
+        (:func:`~lightning_kd.engine.teacher_view`). The RNG state is restored afterwards."""
         assert self.engine is not None
         loader = train_dataloader_of(trainer)
         if getattr(loader, "batch_size", 1) is None:
@@ -617,17 +655,20 @@ class TeacherOutputCache(Callback):
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
                 if self.augment is not None:
                     self.augment.augment_batch(batch, epoch)
-                inputs, _, indices = unpack_batch(batch)
+                inputs, targets, indices = unpack_batch(batch)
                 if indices is None:
                     raise ValueError(
                         "TeacherOutputCache stores samples by their dataset index: yield (input, target, index) "
                         "samples (lightning_kd.data.IndexedDataset) or put an 'index' key in dict batches"
                     )
+                inputs = teacher_view(batch, inputs, targets)[0]
                 with trainer.precision_plugin.train_step_context():
                     outputs = self.engine.run_teacher(inputs)
-                yield indices.detach().cpu().long(), outputs
+                yield indices.detach().cpu().long(), outputs, inputs
 
-    def _store(self, rows: torch.Tensor, outputs: ModelOutputs) -> None:
+    def _store(self, rows: torch.Tensor, outputs: ModelOutputs, inputs: Inputs | None = None) -> None:
+        """Pack the teacher's ``outputs`` on the samples ``rows`` (and the ``inputs`` it read, when known) into the
+        table, marked as not written yet."""
         assert self.table is not None
         values, indices, tail_lse = pack_topk(outputs.logits, self.stored_k)
         features = {}
@@ -708,13 +749,18 @@ class TeacherOutputCache(Callback):
             self.stats["miss_batches"] += 1
             return None
         part = self.table.take(rows)
-        logits = reconstruct_logits(part["values"], part["indices"], part["tail_lse"], self.num_classes)
-        features = {TapSpec.parse(name): t.to(device).float() for name, t in part["features"].items()}
+        outputs = self._serve(rows, part, device)
         self.stats["hit_batches"] += 1
         self.stats["read"] += len(rows)
         self._epoch_stats["read"] += len(rows)
         if self._verify_left > 0:
             self._to_verify = (rows, part)
+        return outputs
+
+    def _serve(self, rows: torch.Tensor, part: Mapping[str, Any], device: torch.device) -> ModelOutputs:
+        """The teacher outputs of the stored rows ``part`` (a :meth:`SlotTable.take`), on ``device``."""
+        logits = reconstruct_logits(part["values"], part["indices"], part["tail_lse"], self.num_classes)
+        features = {TapSpec.parse(name): t.to(device).float() for name, t in part["features"].items()}
         return ModelOutputs(logits.to(device), features)
 
     def record(self, indices: torch.Tensor, epoch: int, outputs: ModelOutputs) -> None:
@@ -726,8 +772,13 @@ class TeacherOutputCache(Callback):
         if bool(new.any()):
             picked = new.to(outputs.logits.device)
             subset = ModelOutputs(outputs.logits[picked], {k: v[picked] for k, v in outputs.features.items()})
-            self._store(rows[new], subset)
+            self._store(rows[new], subset, self._step_inputs(indices, new))
             self._flush_if_due()
+
+    def _step_inputs(self, indices: torch.Tensor, picked: torch.Tensor) -> Inputs | None:
+        """The teacher inputs of the ``picked`` samples of the current training batch, for :meth:`_store`; the
+        classifier cache does not need them (``None``)."""
+        return None
 
     def _count_computed(self, n: int) -> None:
         self.stats["computed"] += n
@@ -742,12 +793,12 @@ class TeacherOutputCache(Callback):
         rows, stored = self._to_verify
         self._to_verify = None
         self._verify_left -= 1
-        inputs, _, indices = unpack_batch(batch)
+        inputs, targets, indices = unpack_batch(batch)
         if indices is None or not torch.equal(indices.detach().cpu().long(), rows):
             return  # not the batch the cache served (another consumer); nothing to compare
         assert self.engine is not None
         with trainer.precision_plugin.train_step_context():
-            live = self.engine.run_teacher(inputs)
+            live = self.engine.run_teacher(teacher_view(batch, inputs, targets)[0])
         self.verify(rows, stored, live)
         self.stats["verified_batches"] += 1
 
@@ -828,6 +879,7 @@ __all__ = [
     "manifest_key",
     "pack_topk",
     "reconstruct_logits",
+    "rows_in_range",
     "state_dict_sha256",
     "write_atomic",
 ]
