@@ -205,6 +205,26 @@ def check_single_fit(cfg: DictConfig, strategy: str, reason: str, *, refuse_cach
         )
 
 
+def check_loss_task(cfg: DictConfig, task: str = "classification") -> None:
+    """Refuse a loss config written for another task: the ``task`` key of ``conf/loss/*.yaml`` (absent:
+    ``classification``; ``lm``: token-level losses of language models) must be the run's ``task``."""
+    found = str(cfg.loss.get("task") or "classification")
+    if found == task:
+        return
+    from lightning_kd.loggers import group_choices
+
+    choice = group_choices(cfg).get("loss")  # the option chosen (loss=gkd), else the names of the terms
+    names = choice if isinstance(choice, str) else ",".join(str(name) for name in (cfg.loss.get("terms") or {}))
+    if found == "lm":
+        raise ValueError(f"loss={names} is a language-model loss: add task=lm (python -m lightning_kd.run task=lm ...)")
+    from lightning_kd.config import loss_config_names
+
+    raise ValueError(
+        f"loss={names} is a {found} loss and does not apply to task={task}; choose one of the task={task} losses "
+        f"({', '.join(loss_config_names(task))}) or use task={found}"
+    )
+
+
 def option_callbacks(cfg: DictConfig) -> list[Any]:
     """The callbacks selected by the optional config groups :data:`CALLBACK_GROUPS` (each node has a ``_target_``),
     in that order: augmentation first, so the teacher cache and the distillation see the augmented batch."""
@@ -219,6 +239,7 @@ def option_callbacks(cfg: DictConfig) -> list[Any]:
 def run_distill(cfg: DictConfig, datamodule: Any, out_dir: Path) -> dict[str, Any]:
     """The default strategy: a frozen teacher (loaded, reused or trained) distilled into the student by
     :class:`~lightning_kd.callback.DistillCallback` on a plain :class:`ClassifierModule`; optional no-KD baseline."""
+    check_loss_task(cfg)
     teacher, report = obtain_teacher(cfg, datamodule, out_dir)
     results: dict[str, Any] = {
         "teacher": cfg.teacher.name,

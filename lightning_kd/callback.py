@@ -49,7 +49,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_kd.engine import DistillEngine, LossSpec, call_model, eval_mode, split_targets, teacher_view, unpack_batch
+from lightning_kd.engine import (
+    DistillEngine,
+    LossSpec,
+    call_model,
+    eval_mode,
+    split_targets,
+    teacher_view,
+    unpack_batch,
+)
 from lightning_kd.losses.base import DistillBatch
 from lightning_kd.models import create_model, load_model_file, load_weights
 from lightning_kd.taps import INTERNAL_PREFIX, LOGITS, LayerTaps, TapError

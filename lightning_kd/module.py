@@ -37,6 +37,17 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+def keyword_inputs(x: Inputs | None, inputs: dict[str, torch.Tensor]) -> Inputs:
+    """``x``, or the keyword inputs when the module was called with keywords only."""
+    if x is None:
+        if not inputs:
+            raise TypeError("no inputs: call the module with a tensor, a dict of keyword inputs, or keywords")
+        return inputs
+    if inputs:
+        raise TypeError("give the inputs either as one tensor/dict or as keywords, not both")
+    return x
+
+
 class ClassifierModule(L.LightningModule):
     """Supervised training of a classifier; logs ``train/ce``, ``val/acc``, ``test/acc``.
 
@@ -71,9 +82,11 @@ class ClassifierModule(L.LightningModule):
         ignore = ["model", "student", "teacher", "optimizer", "loss"] + (["scheduler"] if callable(scheduler) else [])
         self.save_hyperparameters(ignore=ignore)
 
-    def forward(self, x: Inputs) -> torch.Tensor:
-        """The model's logits (a token batch's keyword inputs are passed as keywords)."""
-        return as_logits(call_model(self.model, x))
+    def forward(self, x: Inputs | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+        """The model's logits. Called with a tensor, a dict of keyword inputs, or the keywords themselves
+        (``module(input_ids=..., attention_mask=...)``, as a Hugging Face model and
+        :func:`~lightning_kd.engine.call_model` call it)."""
+        return as_logits(call_model(self.model, keyword_inputs(x, inputs)))
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on labels (computed in float32); ``targets`` are class indices or, after mixup, class
@@ -162,10 +175,10 @@ class DistillationModule(ClassifierModule):
         """The frozen teacher (not a submodule)."""
         return self.engine.teacher
 
-    def forward(self, x: Inputs) -> torch.Tensor:
+    def forward(self, x: Inputs | None = None, **inputs: torch.Tensor) -> torch.Tensor:
         """The student's predictions: its own logits, or those of the term that replaces its head (SimKD)."""
         predictor = self.engine.student_predictor(self.model) if self.engine.is_setup else None
-        return as_logits(call_model(self.model if predictor is None else predictor, x))
+        return as_logits(call_model(self.model if predictor is None else predictor, keyword_inputs(x, inputs)))
 
     def setup(self, stage: str) -> None:
         """Install the taps and build the terms' trainable parts before ``configure_optimizers`` and DDP."""

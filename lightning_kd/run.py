@@ -14,6 +14,12 @@ who teaches whom; the pieces they share are in :mod:`lightning_kd.app`). The def
 4. prints a table and writes ``results.json`` in the run directory (accuracies are fractions on the test split,
    except ``student_val_acc``, the student's on the validation split: the objective of hyperparameter searches).
 
+Tasks (``task=``): ``classification`` (the default: timm models, image data, every strategy) and ``lm``
+(``task=lm``: causal language models on text, :func:`lightning_kd.lm.app.run_lm`, strategy ``distill`` only;
+``results.json`` reports perplexities on the test split, and ``student_val_acc`` is the student's next-token top-1
+accuracy on the validation split, so that searches maximise it in both tasks). A loss config marked ``task: lm`` is
+refused by the image task and the other losses by the LM task.
+
 Loggers: ``logger=csv`` (default), ``tensorboard``, ``wandb`` or a list (:mod:`lightning_kd.loggers`).
 """
 
@@ -32,12 +38,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_kd.app import print_summary, write_json_atomic
+from lightning_kd.app import check_loss_task, print_summary, write_json_atomic
 from lightning_kd.config import CONF_DIR, register_model_configs
 from lightning_kd.loggers import job_logging, log_results
 from lightning_kd.multirun import is_global_zero, job_command_line
 
 STAGES = ("all", "teacher", "student")
+#: ``task=NAME`` (``conf/task/NAME.yaml`` sets the ``task`` key): the image app with its strategies, or the LM app.
+TASKS = ("classification", "lm")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -60,6 +68,21 @@ def strategy_runner(name: str) -> Callable[[DictConfig, Any, Path], dict[str, An
     return getattr(importlib.import_module(module), function)
 
 
+def task_runner(cfg: DictConfig) -> Callable[[DictConfig, Any, Path], dict[str, Any]]:
+    """The app of ``cfg.task`` after checking that the config fits it (raises before any data or model is built):
+    ``classification`` runs the strategy's ``run_app``, ``lm`` runs :func:`lightning_kd.lm.app.run_lm`."""
+    task = str(cfg.get("task") or "classification")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)} (task=NAME)")
+    if task == "lm":
+        from lightning_kd.lm.app import check_lm_config, run_lm
+
+        check_lm_config(cfg)
+        return run_lm
+    check_loss_task(cfg, task)
+    return strategy_runner(str(cfg.strategy.name))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
-    runner = strategy_runner(str(cfg.strategy.name))
+    runner = task_runner(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
     out_dir.mkdir(parents=True, exist_ok=True)
     with job_logging(cfg, out_dir):  # the loggers' job: one W&B run, finished also when the job fails
@@ -93,8 +116,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the student's accuracy on the validation split, ``student_val_acc`` (the
     objective of ``hparams_search=`` studies and the metric of the W&B sweeps in ``conf/sweep/``: hyperparameters are
-    chosen on validation data, never on the test split), or ``None`` when no student was trained
-    (``stage=teacher``)."""
+    chosen on validation data, never on the test split; with ``task=lm`` it is the next-token top-1 accuracy, so
+    higher is better in both tasks), or ``None`` when no student was trained (``stage=teacher``)."""
     results = train(cfg)
     return results.get("student_val_acc")
 

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one intra-op thread per worker, so workers do not oversubscribe
+if os.environ.get(
+    "PYTEST_XDIST_WORKER"
+):  # pytest -n 2: one intra-op thread per worker, so workers do not oversubscribe
     torch.set_num_threads(1)
 
 

@@ -73,7 +73,9 @@ def test_hidden_state_taps_by_module_path_feed_feature_terms() -> None:
 
 def test_misspelt_hidden_state_path_lists_close_matches() -> None:
     module = LMDistillationModule(
-        tiny_lm(V), tiny_lm(V), loss={"fitnet": {"student_layers": "transformer.h0", "teacher_layers": "transformer.h.0"}}
+        tiny_lm(V),
+        tiny_lm(V),
+        loss={"fitnet": {"student_layers": "transformer.h0", "teacher_layers": "transformer.h.0"}},
     )
     with pytest.raises(LookupError, match=r"transformer\.h\.0"):
         trainer().fit(module, token_loader())
@@ -170,7 +172,9 @@ def test_lora_student_trains_only_its_adapters() -> None:
     base = {k: v.clone() for k, v in student.named_parameters() if not v.requires_grad}
     adapters = {k: v.clone() for k, v in student.named_parameters() if v.requires_grad}
     assert adapters and all("lora" in k for k in adapters)
-    module = LMDistillationModule(student, tiny_lm(V, seed=1), loss="fkl", optimizer=lambda p: torch.optim.AdamW(p, 1e-2))
+    module = LMDistillationModule(
+        student, tiny_lm(V, seed=1), loss="fkl", optimizer=lambda p: torch.optim.AdamW(p, 1e-2)
+    )
     trainer().fit(module, token_loader())
     now = dict(student.named_parameters())
     assert all(torch.equal(now[k], v) for k, v in base.items())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny
 
-from lightning_kd.config import CONF_DIR, loss_config_names
+from lightning_kd.config import loss_config_names
 from lightning_kd.models import save_model_file
 
 LOSSES = loss_config_names("classification")  # the image-model losses (task=lm ones: test_lm_loss_configs.py)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from lightning_kd.losses import DistillBatch, ModelOutputs, create_loss
 from lightning_kd.lm.divergences import (
     DIVERGENCES,
     ChunkedStats,
@@ -19,6 +18,7 @@ from lightning_kd.lm.divergences import (
     position_mask,
     token_divergence,
 )
+from lightning_kd.losses import DistillBatch, ModelOutputs, create_loss
 
 #: every divergence with non-trivial parameters
 CASES = [

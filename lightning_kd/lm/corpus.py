@@ -17,11 +17,11 @@ Your own text: ``TextDataModule(paths=[...])`` (``.txt``/``.md``/``.rst`` files,
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as metadata
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 #: packages whose README (metadata long description) joins the default corpus, when installed.

@@ -112,7 +112,9 @@ def pad_batch(items: Sequence[Mapping[str, Any]], pad_id: int, teacher_pad_id: i
         batch["teacher_input_ids"] = pad("teacher_input_ids", pad_id if teacher_pad_id is None else teacher_pad_id)
         batch["teacher_labels"] = pad("teacher_labels", IGNORE_INDEX)
         t_lengths = torch.tensor([len(item["teacher_input_ids"]) for item in items])
-        batch["teacher_attention_mask"] = (torch.arange(batch["teacher_input_ids"].shape[1]) < t_lengths[:, None]).long()
+        batch["teacher_attention_mask"] = (
+            torch.arange(batch["teacher_input_ids"].shape[1]) < t_lengths[:, None]
+        ).long()
     return batch
 
 
@@ -155,7 +157,9 @@ class TextDataModule(L.LightningDataModule):
         if not 0 <= prompt_fraction < 1:
             raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must leave training data")
+            raise ValueError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must leave training data"
+            )
         if segment_chars < 8 or max_length < 4:
             raise ValueError(f"segment_chars ({segment_chars}) must be >= 8 and max_length ({max_length}) >= 4")
         self.paths = list(paths) if paths else None

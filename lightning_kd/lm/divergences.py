@@ -215,7 +215,9 @@ def skew_reverse_kl(alpha: float = 0.1) -> TokenDivergence:
 
 
 def _check_unit(name: str, arg: str, value: float, *, upper_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1 and not (upper_open and value == 1)
+    ok = (
+        isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1 and not (upper_open and value == 1)
+    )
     if not ok:
         interval = "[0, 1)" if upper_open else "[0, 1]"
         raise ValueError(f"{name}: {arg} must be a number in {interval}, got {value!r}")

@@ -32,9 +32,7 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - the llm extra is installed in CI
-        raise ImportError(
-            'language-model distillation needs transformers: pip install "lightning-kd[llm]"'
-        ) from err
+        raise ImportError('language-model distillation needs transformers: pip install "lightning-kd[llm]"') from err
     return transformers
 
 
@@ -107,7 +105,9 @@ def with_lora(model: nn.Module, lora: Mapping[str, Any]) -> nn.Module:
     try:
         config = peft.LoraConfig(**fields)
     except TypeError as err:
-        raise ValueError(f"lora: {err}; the keys are peft.LoraConfig fields (r, lora_alpha, target_modules...)") from None
+        raise ValueError(
+            f"lora: {err}; the keys are peft.LoraConfig fields (r, lora_alpha, target_modules...)"
+        ) from None
     return peft.get_peft_model(model, config)
 
 
