@@ -25,6 +25,7 @@ RESULTS = BENCH / "results"
 EXPECTED_SCRIPTS = {
     "compare_overhead",
     "gpu_throughput",
+    "llm_loss_memory",
     "main_job",
     "memory",
     "quality",
@@ -149,6 +150,14 @@ def test_teacher_cache_smoke(run) -> None:
         "teacher_cache", "--smoke", "--threads", "1", "--student", "test_efficientnet", "--teacher", "resnet10t"
     )
     positive(values, "cached_over_student", "live_over_cached")
+
+
+@pytest.mark.slow
+def test_llm_loss_memory_smoke_same_loss_and_ratios(run) -> None:
+    """Chunked and naive divergences in their own processes (the script raises when their losses disagree)."""
+    values, out = run("llm_loss_memory", "--smoke", "--threads", "1", "--impls", "chunked,naive")
+    positive(values, "memory_ratio", "time_ratio", "total_peak_ratio")
+    assert "loss agreement" in out
 
 
 @pytest.mark.slow
