@@ -270,6 +270,22 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
+def prepare_rows(
+    z_s: torch.Tensor, z_t: torch.Tensor, extras: dict[str, torch.Tensor], teacher_mix: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logit rows as the divergences read them: entries infinite in either model set to ``-inf`` in both (and
+    ``extras["finite"]`` marking the others, so they contribute nothing); with ``teacher_mix`` t ≠ 1 the teacher's
+    rows replaced by TAID's interpolated target ``t·z_T + (1 − t)·sg(z_S)``, in logit space."""
+    finite = torch.isfinite(z_s) & torch.isfinite(z_t)
+    if not bool(finite.all()):
+        extras["finite"] = finite
+        z_s = torch.where(finite, z_s, torch.full((), -torch.inf))
+        z_t = torch.where(finite, z_t, torch.full((), -torch.inf))
+    if teacher_mix != 1.0:
+        z_t = teacher_mix * z_t + (1 - teacher_mix) * z_s.detach()
+    return z_s, z_t
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Forward computes value and student-logit gradient chunk by chunk; backward scales the stored gradient."""
 
@@ -294,14 +310,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         for start in range(0, rows_index.numel(), chunk_rows):
             idx = rows_index[start : start + chunk_rows]
             z_s, z_t = student.index_select(0, idx).float(), teacher.index_select(0, idx).float()
-            finite = torch.isfinite(z_s) & torch.isfinite(z_t)
             extras: dict[str, torch.Tensor] = {k: v.index_select(0, idx) for k, v in row_data.items()}
-            if not bool(finite.all()):
-                extras["finite"] = finite
-                z_s = torch.where(finite, z_s, torch.full((), -torch.inf))
-                z_t = torch.where(finite, z_t, torch.full((), -torch.inf))
-            if teacher_mix != 1.0:  # TAID's interpolated target: t·z_T + (1 − t)·sg(z_S), in logit space
-                z_t = teacher_mix * z_t + (1 - teacher_mix) * z_s
+            z_s, z_t = prepare_rows(z_s, z_t, extras, teacher_mix)
             log_q = log_probs(z_s, temperature)
             log_p = log_probs(z_t, temperature)
             value, h = divergence(log_q, log_p, extras)
@@ -421,14 +431,7 @@ def dense_token_divergence(
     z_t = teacher_logits.reshape(-1, vocab).float().detach()
     keep = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device) if mask is None else mask.reshape(-1)
     extras = {k: v.reshape(-1, *v.shape[student_logits.dim() - 1 :])[keep] for k, v in (row_data or {}).items()}
-    z_s, z_t = z_s[keep], z_t[keep]
-    finite = torch.isfinite(z_s) & torch.isfinite(z_t)
-    if not bool(finite.all()):
-        extras["finite"] = finite
-        z_s = torch.where(finite, z_s, torch.full((), -torch.inf))
-        z_t = torch.where(finite, z_t, torch.full((), -torch.inf))
-    if teacher_mix != 1.0:
-        z_t = teacher_mix * z_t + (1 - teacher_mix) * z_s.detach()
+    z_s, z_t = prepare_rows(z_s[keep], z_t[keep], extras, teacher_mix)
     value, _ = div(log_probs(z_s, temperature), log_probs(z_t, temperature), extras)
     return value.sum() / max(int(keep.sum()), 1)
 
