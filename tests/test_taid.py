@@ -232,3 +232,34 @@ def test_ddp_ranks_share_t(tmp_path: Path) -> None:
         alone.update(r0["loss"][step], step, 50)
     assert r0["t"][-1] == pytest.approx(float(expected.t), rel=1e-6)
     assert float(alone.t) != pytest.approx(float(expected.t), rel=1e-6)  # the all-reduce mattered
+
+
+def test_lightning_checkpoint_resume_continues_the_schedule(tmp_path: Path) -> None:
+    """Through a real fit: a run stopped after 2 steps (one epoch of 2 batches), saved (weights_only load) and resumed
+    to 4 steps ends with the same t, prev_loss and momentum as an uninterrupted 4-step run."""
+    import lightning as L
+    from lm_helpers import tiny_lm, token_loader
+
+    from lightning_kd.lm.module import LMDistillationModule
+
+    def fit(steps: int, ckpt=None, save=None):
+        torch.manual_seed(0)
+        teacher = tiny_lm(50, n_layer=2, seed=1)  # constant learning rate: a cosine over max_steps would differ
+        module = LMDistillationModule(tiny_lm(50, seed=0), teacher, loss={"taid": {}}, scheduler=None)
+        trainer = L.Trainer(
+            max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, token_loader(2), ckpt_path=ckpt)
+        if save is not None:
+            trainer.save_checkpoint(save)
+        return module.engine.terms["taid"]
+
+    straight = fit(4)
+    fit(2, save=tmp_path / "two.ckpt")
+    state = torch.load(tmp_path / "two.ckpt", weights_only=True)["state_dict"]
+    assert "engine.terms.taid.t" in state
+    resumed = fit(4, ckpt=tmp_path / "two.ckpt")
+    for name in ("t", "prev_loss", "momentum"):
+        assert torch.allclose(getattr(resumed, name), getattr(straight, name)), name
+    assert float(straight.t) > straight.t_start  # the schedule moved
