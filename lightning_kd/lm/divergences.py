@@ -44,7 +44,8 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 RowData = Mapping[str, torch.Tensor]
-#: ``(log_q, log_p, rows) -> (per-position value [n], ∂value/∂log_q [n, V])``, float32, rows = per-position extras.
+#: ``(log_q, log_p, rows) -> (per-position value [n], ∂value/∂log_q [n, V])``, float32, rows = per-position extras;
+#: ``log_p`` is ``None`` when the teacher comes through the extras (``token_divergence(..., teacher_logits=None)``).
 DivergenceFn = Callable[[torch.Tensor, torch.Tensor, RowData], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -271,17 +272,18 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def prepare_rows(
-    z_s: torch.Tensor, z_t: torch.Tensor, extras: dict[str, torch.Tensor], teacher_mix: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    z_s: torch.Tensor, z_t: torch.Tensor | None, extras: dict[str, torch.Tensor], teacher_mix: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 logit rows as the divergences read them: entries infinite in either model set to ``-inf`` in both (and
     ``extras["finite"]`` marking the others, so they contribute nothing); with ``teacher_mix`` t ≠ 1 the teacher's
-    rows replaced by TAID's interpolated target ``t·z_T + (1 − t)·sg(z_S)``, in logit space."""
-    finite = torch.isfinite(z_s) & torch.isfinite(z_t)
+    rows replaced by TAID's interpolated target ``t·z_T + (1 − t)·sg(z_S)``, in logit space. ``z_t`` is ``None``
+    for divergences that read the teacher from ``row_data`` (ULD)."""
+    finite = torch.isfinite(z_s) if z_t is None else torch.isfinite(z_s) & torch.isfinite(z_t)
     if not bool(finite.all()):
         extras["finite"] = finite
         z_s = torch.where(finite, z_s, torch.full((), -torch.inf))
-        z_t = torch.where(finite, z_t, torch.full((), -torch.inf))
-    if teacher_mix != 1.0:
+        z_t = None if z_t is None else torch.where(finite, z_t, torch.full((), -torch.inf))
+    if teacher_mix != 1.0 and z_t is not None:
         z_t = teacher_mix * z_t + (1 - teacher_mix) * z_s.detach()
     return z_s, z_t
 
@@ -293,7 +295,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         student: torch.Tensor,
-        teacher: torch.Tensor,
+        teacher: torch.Tensor | None,
         rows_index: torch.Tensor,
         divergence: TokenDivergence,
         temperature: float,
@@ -309,11 +311,12 @@ class _ChunkedDivergence(torch.autograd.Function):
         kept = [] if stats is not None and stats.rows is not None else None
         for start in range(0, rows_index.numel(), chunk_rows):
             idx = rows_index[start : start + chunk_rows]
-            z_s, z_t = student.index_select(0, idx).float(), teacher.index_select(0, idx).float()
+            z_s = student.index_select(0, idx).float()
+            z_t = None if teacher is None else teacher.index_select(0, idx).float()
             extras: dict[str, torch.Tensor] = {k: v.index_select(0, idx) for k, v in row_data.items()}
             z_s, z_t = prepare_rows(z_s, z_t, extras, teacher_mix)
             log_q = log_probs(z_s, temperature)
-            log_p = log_probs(z_t, temperature)
+            log_p = None if z_t is None else log_probs(z_t, temperature)
             value, h = divergence(log_q, log_p, extras)
             total += value.sum(dtype=torch.float64)
             if kept is not None:
@@ -345,7 +348,7 @@ class _ChunkedDivergence(torch.autograd.Function):
 
 def token_divergence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     mask: torch.Tensor | None = None,
     divergence: str | TokenDivergence = "forward_kl",
     *,
@@ -362,7 +365,9 @@ def token_divergence(
 
     Args:
         student_logits: ``[..., V]`` (any float dtype); receives the gradient.
-        teacher_logits: ``[..., V]``, same shape; treated as constants (a teacher is frozen).
+        teacher_logits: ``[..., V]``, same shape; treated as constants (a teacher is frozen). ``None`` for a
+            divergence that reads the teacher from ``row_data`` (ULD: another vocabulary and other positions); it is
+            then called with ``log_p=None``.
         mask: boolean ``[...]`` of the positions to score (:func:`next_token_mask`); ``None`` = all.
         divergence: a :data:`DIVERGENCES` name (with ``params``, e.g. ``beta=0.5``) or a :class:`TokenDivergence`.
         temperature: τ > 0; both logits are divided by it. No τ² factor (TRL, DistiLLM).
@@ -377,12 +382,12 @@ def token_divergence(
     Returns:
         a float32 scalar; ``0`` (with a zero gradient) when no position is scored.
     """
-    if student_logits.shape != teacher_logits.shape:
+    if teacher_logits is not None and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
             "token divergences need the same positions and vocabulary (use loss=uld across tokenizers)"
         )
-    if teacher_logits.requires_grad:
+    if teacher_logits is not None and teacher_logits.requires_grad:
         raise ValueError(
             "token_divergence treats the teacher's logits as constants and would drop their gradient; pass "
             "teacher_logits.detach() (the engine's teacher is frozen)"
@@ -392,7 +397,7 @@ def token_divergence(
     div = get_divergence(divergence, **params)
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.reshape(-1, vocab)
+    teacher = None if teacher_logits is None else teacher_logits.reshape(-1, vocab).detach()
     if mask is None:
         rows_index = torch.arange(student.shape[0], device=student.device)
     else:
@@ -406,7 +411,7 @@ def token_divergence(
     chunk_rows = int(chunk_size) if chunk_size else max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
     flat_rows = {k: v.reshape(-1, *v.shape[student_logits.dim() - 1 :]) for k, v in (row_data or {}).items()}
     return _ChunkedDivergence.apply(
-        student, teacher.detach(), rows_index, div, float(temperature), chunk_rows, norm, float(teacher_mix),
+        student, teacher, rows_index, div, float(temperature), chunk_rows, norm, float(teacher_mix),
         flat_rows, stats,
     )  # fmt: skip
 

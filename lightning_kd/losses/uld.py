@@ -33,8 +33,8 @@ Computation. :func:`~lightning_kd.lm.divergences.token_divergence` runs over the
 chunks; each chunk gathers the paired teacher rows, computes both softmaxes in float32, sorts them and returns the
 distance with its closed-form gradient: with ``r(v)`` the rank of entry ``v`` in the student's descending order and
 ``g_v = sign(q_v − p_(r(v)))``, ``∂ULD/∂log q_v = q_v · g_v`` (the sort is a locally constant permutation), which
-the shared mechanism maps through the softmax. Memory above the logits: the student-logit gradient (which backward allocates anyway) and,
-per chunk of ``n`` positions, about ten float32 arrays of ``n × V_S`` (the mechanism's and the sort's temporaries)
+the shared mechanism maps through the softmax. Memory above the logits: the student-logit gradient (which backward
+allocates anyway) and, per chunk of ``n`` positions, about ten float32 arrays of ``n × V_S`` (the mechanism's and the sort's temporaries)
 and five of ``n × V_T`` (the gathered teacher rows, their softmax and sort), int64 sort orders included; ``n`` is
 chosen so that one array of the larger vocabulary holds 2²¹ values (8 MiB), so the peak stays near 120 MiB whatever
 the sequence length and vocabularies (measured on CPU: 2 × 256 positions, V_S = 16k, V_T = 32k, float32: 129 MiB
@@ -171,18 +171,17 @@ def uld_loss(
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     t_temp = check_number("uld", "teacher_temperature", teacher_temperature, positive=True)
 
-    def fn(log_q: torch.Tensor, _unused: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def fn(log_q: torch.Tensor, _no_teacher: None, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         p = log_probs(teacher_flat.index_select(0, rows["teacher_row"]), t_temp).exp()
         value, grad = sorted_l1(log_q, p)
         w = rows["weight"]
         return value * w, grad * w[:, None]
 
-    # The teacher's rows enter through ``row_data`` (its vocabulary and positions differ from the student's); the
-    # ``teacher_logits`` slot of the shared mechanism gets a stride-0 placeholder of the student's shape (no memory).
-    placeholder = torch.zeros((), dtype=student_logits.dtype, device=student_logits.device).expand_as(student_logits)
+    # The teacher's rows enter through ``row_data`` (its vocabulary and positions differ from the student's), so the
+    # shared mechanism gets no teacher logits of the student's shape.
     rows = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(student_logits.shape[-1], teacher_logits.shape[-1]))
     return token_divergence(
-        student_logits, placeholder, mask, TokenDivergence("uld", fn), temperature=student_temperature,
+        student_logits, None, mask, TokenDivergence("uld", fn), temperature=student_temperature,
         chunk_size=rows, normalizer=1.0, row_data={"teacher_row": teacher_row, "weight": weight},
     )  # fmt: skip
 
