@@ -19,8 +19,10 @@ V = 50
 
 
 def trainer(**kw) -> L.Trainer:
-    defaults = dict(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, log_every_n_steps=1)  # fmt: skip
+    defaults = {
+        "max_steps": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 1, "log_every_n_steps": 1,
+    }  # fmt: skip
     return L.Trainer(**{**defaults, **kw})
 
 

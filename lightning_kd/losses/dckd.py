@@ -28,9 +28,9 @@ term, which needs a second, reference teacher and student-generated responses) i
 ``B`` chosen sequences first and then the ``B`` rejected sequences, row ``i`` and row ``i + B`` answering the same
 prompt; labels are ``-100`` on the prompt and padding. The term checks the layout (even batch, same prompt tokens in
 each pair, read from ``input_ids`` under the attention mask) and raises otherwise;
-:func:`concat_preference_pairs` builds such a batch from a chosen and a rejected token batch. It contains the NLL on the chosen
-responses, so it replaces the task loss (``task_weight`` defaults to 0: the next-token loss on all rows would also
-train on the rejected responses).
+:func:`concat_preference_pairs` builds such a batch from a chosen and a rejected token batch. It contains the NLL on
+the chosen responses, so it replaces the task loss (``task_weight`` defaults to 0: the next-token loss on all rows
+would also train on the rejected responses).
 """
 
 from __future__ import annotations

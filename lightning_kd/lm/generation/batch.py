@@ -149,7 +149,8 @@ def pack_sequences(
     prompts: Sequence[torch.Tensor], completions: Sequence[torch.Tensor], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids = prompt + completion``, ``attention_mask`` (1 on both), ``labels`` (the completion;
-    ``-100`` on the prompt and on padding) and ``prompt_lengths``, the form of :func:`lightning_kd.lm.data.pad_batch`."""
+    ``-100`` on the prompt and on padding) and ``prompt_lengths``: the form of
+    :func:`lightning_kd.lm.data.pad_batch`."""
     rows = [torch.cat([p, c.to(p.dtype)]) for p, c in zip(prompts, completions)]
     width = max(len(row) for row in rows)
     ids = rows[0].new_full((len(rows), width), pad_id)
