@@ -36,9 +36,10 @@ distance with its closed-form gradient: with ``r(v)`` the rank of entry ``v`` in
 the shared mechanism maps through the softmax. Memory above the logits: the student-logit gradient (which backward
 allocates anyway) and, per chunk of ``n`` positions, about ten float32 arrays of ``n × V_S`` (the mechanism's and
 the sort's temporaries) and five of ``n × V_T`` (the gathered teacher rows, their softmax and sort), int64 sort
-orders included; ``n`` is chosen so that one array of the larger vocabulary holds 2²¹ values (8 MiB), so the peak stays near 120 MiB whatever
-the sequence length and vocabularies (measured on CPU: 2 × 256 positions, V_S = 16k, V_T = 32k, float32: 129 MiB
-above the inputs, 31 MiB of it the gradient; 2 × 1024 positions: 223 MiB, 125 MiB of it the gradient).
+orders included; ``n`` is chosen so that one array of the larger vocabulary holds 2²¹ values (8 MiB), so the peak
+stays near 120 MiB whatever the sequence length and vocabularies (measured on CPU: 2 × 256 positions, V_S = 16k,
+V_T = 32k, float32: 129 MiB above the inputs, 31 MiB of it the gradient; 2 × 1024 positions: 223 MiB, 125 MiB of
+it the gradient).
 """
 
 from __future__ import annotations
