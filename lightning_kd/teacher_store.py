@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ class TeacherStore:
         self.root = Path(root).expanduser() / "teachers"
 
     def path(self, name: str, key: Mapping[str, Any]) -> Path:
-        return self.root / f"{name}-{teacher_key(name=name, **key)}.pt"
+        return self.root / f"{file_stem(name)}-{teacher_key(name=name, **key)}.pt"
 
     def load(self, name: str, key: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]] | None:
         """The stored teacher and its metadata, or ``None`` if this key was never trained (or the file is corrupt)."""
@@ -40,10 +41,24 @@ class TeacherStore:
         if not path.is_file():
             return None
         try:
-            return load_model_file(path)
+            return self.read(path)
         except CheckpointError:
             return None  # a corrupt entry is retrained and replaced
 
     def save(self, model: nn.Module, name: str, key: Mapping[str, Any], metadata: Mapping[str, Any]) -> Path:
         meta = {"model": name, **dict(metadata), "key": json.dumps(dict(key), sort_keys=True, default=str)}
-        return save_model_file(model, self.path(name, key), meta)
+        return self.write(model, self.path(name, key), meta)
+
+    def read(self, path: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """Rebuild a stored model (:func:`~lightning_kd.models.load_model_file`: a timm model)."""
+        return load_model_file(path)
+
+    def write(self, model: nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
+        """Atomically write a model (:func:`~lightning_kd.models.save_model_file`)."""
+        return save_model_file(model, path, metadata)
+
+
+def file_stem(name: str) -> str:
+    """``name`` as a flat file name: a local directory or hub name (``org/model``) has its other characters
+    replaced (timm names are kept as they are)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "model"

@@ -31,10 +31,7 @@ scored on its own tokenization of the same texts, so its perplexity is per teach
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +55,7 @@ from lightning_kd.engine import as_logits, call_model, eval_mode, inputs_to, tea
 from lightning_kd.lm.divergences import next_token_mask
 from lightning_kd.lm.models import LM_TASK, create_causal_lm, load_lm_file, save_lm_file
 from lightning_kd.lm.module import CausalLMModule, TokenNLL
-from lightning_kd.models import CheckpointError
-from lightning_kd.teacher_store import TeacherStore, teacher_key
+from lightning_kd.teacher_store import TeacherStore
 
 log = logging.getLogger("lightning_kd")
 
@@ -208,25 +204,15 @@ def evaluate_lm(
 class LMTeacherStore(TeacherStore):
     """The teacher store (:class:`~lightning_kd.teacher_store.TeacherStore`: ``<cache_dir>/teachers``) for causal
     LMs: files written by :func:`~lightning_kd.lm.models.save_lm_file` (weights + the model's config, atomically)
-    and read back by :func:`~lightning_kd.lm.models.load_lm_file` (``weights_only=True``). A model name that is a
-    directory or a hub name (``org/model``) becomes a flat file name."""
+    and read back by :func:`~lightning_kd.lm.models.load_lm_file` (``weights_only=True``). The configured name is
+    kept under ``name`` (the file's ``model`` is the transformers model type)."""
 
-    def path(self, name: str, key: Mapping[str, Any]) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "lm"
-        return self.root / f"{safe}-{teacher_key(name=name, **key)}.pt"
+    def read(self, path: Path) -> tuple[nn.Module, dict[str, Any]]:
+        return load_lm_file(path)
 
-    def load(self, name: str, key: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]] | None:
-        path = self.path(name, key)
-        if not path.is_file():
-            return None
-        try:
-            return load_lm_file(path)
-        except CheckpointError:
-            return None  # a corrupt entry is retrained and replaced
-
-    def save(self, model: nn.Module, name: str, key: Mapping[str, Any], metadata: Mapping[str, Any]) -> Path:
-        meta = {"name": name, **dict(metadata), "key": json.dumps(dict(key), sort_keys=True, default=str)}
-        return save_lm_file(model, self.path(name, key), meta)
+    def write(self, model: nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
+        meta = dict(metadata)
+        return save_lm_file(model, path, {"name": meta.pop("model"), **meta})
 
 
 def teacher_store_key(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
